@@ -1,0 +1,502 @@
+//! [`Cluster`]: one node's handle on the Raft group. It starts openraft on
+//! the sled stores, runs the operations only a leader may run (writes,
+//! membership changes) and forwards them to the leader when this node is not
+//! it, so a client never has to find the leader.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState, SnapshotPolicy};
+use raftlb_proto::raft::raft_transport_client::RaftTransportClient;
+use raftlb_proto::raft::raft_transport_server::RaftTransportServer;
+use raftlb_proto::raft::Payload;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::network::{Network, Peers};
+use crate::service::TransportService;
+use crate::state::{Command, CommandResult};
+use crate::store::{self, Applied};
+use crate::{ClusterError, NodeId, Raft};
+
+/// How this node takes part in the group. Timings default to DESIGN.md's.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub id: NodeId,
+    /// The gRPC address peers and lbctl reach this node at.
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// How long a write may wait for a leader and a quorum before it fails.
+    pub write_timeout: Duration,
+    /// Log entries between snapshots.
+    pub snapshot_after: u64,
+    /// The software version this node reports into the registry.
+    pub version: String,
+}
+
+impl Settings {
+    pub fn new(id: NodeId, addr: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Settings {
+            id,
+            addr: addr.into(),
+            data_dir: data_dir.into(),
+            heartbeat: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(5),
+            snapshot_after: 1000,
+            version: raftlb_proto::VERSION.to_owned(),
+        }
+    }
+}
+
+/// The voters and learners after a membership change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberRole {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+}
+
+impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Leader => "leader",
+            MemberRole::Follower => "follower",
+            MemberRole::Candidate => "candidate",
+            MemberRole::Learner => "learner",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub addr: String,
+    pub role: MemberRole,
+    pub version: String,
+    pub drain: bool,
+    /// Since the last Raft message between this node and the member; `None`
+    /// for this node itself and for members it never exchanged one with.
+    pub last_contact: Option<Duration>,
+}
+
+/// The group as this node sees it.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub node: NodeId,
+    pub initialized: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub config_version: u64,
+    pub last_applied: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// What only the leader may run; followers forward it over the transport.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum LeaderOp {
+    Write(Command),
+    AddNode { id: NodeId, addr: String },
+    RemoveNode { id: NodeId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum LeaderReply {
+    Written(CommandResult),
+    Members(Membership),
+}
+
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Settings,
+    raft: Raft,
+    peers: Arc<Peers>,
+    applied: watch::Receiver<Arc<Applied>>,
+}
+
+impl Cluster {
+    /// Opens the node's stores under `data_dir` and starts its Raft instance.
+    /// A node that was a member before rejoins with its data by itself.
+    pub async fn start(settings: Settings) -> Result<Cluster, ClusterError> {
+        let node = settings.id;
+        let config = openraft::Config {
+            cluster_name: "raftlb".into(),
+            heartbeat_interval: settings.heartbeat.as_millis() as u64,
+            election_timeout_min: settings.election_timeout_min.as_millis() as u64,
+            election_timeout_max: settings.election_timeout_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_after),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Rejected(format!("Raft timings: {e}")))?;
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|e| ClusterError::Storage { node, reason: format!("cannot create {}: {e}", settings.data_dir.display()) })?;
+        let (log, sm) = store::open(&settings.data_dir.join("raft"))
+            .await
+            .map_err(|e| ClusterError::Storage { node, reason: format!("cannot open {}: {e}", settings.data_dir.display()) })?;
+        let applied = sm.subscribe();
+        let peers = Arc::new(Peers::default());
+        let raft = Raft::new(node, Arc::new(config), Network { peers: peers.clone() }, log, sm)
+            .await
+            .map_err(|e| ClusterError::Fatal { node, reason: e.to_string() })?;
+        let cluster = Cluster { inner: Arc::new(Inner { settings, raft, peers, applied }) };
+        tokio::spawn(cluster.clone().log_leadership());
+        tokio::spawn(cluster.clone().report_version());
+        Ok(cluster)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.settings.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub(crate) fn peers(&self) -> &Peers {
+        &self.inner.peers
+    }
+
+    /// The gRPC service peers send Raft messages and forwarded operations to.
+    pub fn transport_service(&self) -> RaftTransportServer<TransportService> {
+        RaftTransportServer::new(TransportService { cluster: self.clone() })
+    }
+
+    /// The latest applied state.
+    pub fn applied(&self) -> Arc<Applied> {
+        self.inner.applied.borrow().clone()
+    }
+
+    /// A receiver that sees every applied state, for those that follow changes.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Applied>> {
+        self.inner.applied.clone()
+    }
+
+    fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
+        self.inner.raft.metrics().borrow().clone()
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.metrics().membership_config.membership().nodes().next().is_some()
+    }
+
+    /// Starts a new cluster with this node as its only voter, and waits until
+    /// it leads.
+    pub async fn initialize(&self) -> Result<(), ClusterError> {
+        let node = self.id();
+        let members = BTreeMap::from([(node, BasicNode::new(&self.inner.settings.addr))]);
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                let m = self.metrics();
+                let leader = m.current_leader.map_or("none yet".to_owned(), |l| format!("node {l}"));
+                return Err(ClusterError::AlreadyInitialized { node, leader, term: m.current_term });
+            }
+            Err(e) => return Err(ClusterError::Rejected(format!("cannot initialize: {e}"))),
+        }
+        self.inner
+            .raft
+            .wait(Some(self.inner.settings.write_timeout))
+            .state(ServerState::Leader, "initialized node becomes leader")
+            .await
+            .map_err(|_| ClusterError::NoLeader {
+            waited_ms: self.inner.settings.write_timeout.as_millis() as u64,
+            voters: node.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Commits a command through the leader and returns what applying it did.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, ClusterError> {
+        match self.on_leader(LeaderOp::Write(cmd)).await? {
+            LeaderReply::Written(CommandResult::Rejected(why)) => Err(ClusterError::Rejected(why)),
+            LeaderReply::Written(result) => Ok(result),
+            LeaderReply::Members(_) => unreachable!("a write is answered with its result"),
+        }
+    }
+
+    /// Adds a node as a learner, waits until it caught up, then makes it a voter.
+    pub async fn add_node(&self, id: NodeId, addr: String) -> Result<Membership, ClusterError> {
+        match self.on_leader(LeaderOp::AddNode { id, addr }).await? {
+            LeaderReply::Members(m) => Ok(m),
+            LeaderReply::Written(_) => unreachable!("a membership change is answered with the members"),
+        }
+    }
+
+    pub async fn remove_node(&self, id: NodeId) -> Result<Membership, ClusterError> {
+        match self.on_leader(LeaderOp::RemoveNode { id }).await? {
+            LeaderReply::Members(m) => Ok(m),
+            LeaderReply::Written(_) => unreachable!("a membership change is answered with the members"),
+        }
+    }
+
+    /// Runs `op` on the leader: here if this node leads, else forwarded to
+    /// it. Retries while leadership moves, until the write timeout.
+    async fn on_leader(&self, op: LeaderOp) -> Result<LeaderReply, ClusterError> {
+        let node = self.id();
+        let timeout = self.inner.settings.write_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut last_leader = None;
+        loop {
+            let m = self.metrics();
+            let membership = m.membership_config.membership();
+            if membership.nodes().next().is_none() {
+                return Err(ClusterError::NotInitialized { node });
+            }
+            if let Some(leader) = m.current_leader {
+                last_leader = Some(leader);
+                let outcome = if leader == node {
+                    self.run_as_leader(op.clone()).await
+                } else {
+                    let addr = membership.get_node(&leader).map(|n| n.addr.clone()).unwrap_or_default();
+                    self.forward(leader, &addr, &op, deadline.saturating_duration_since(Instant::now())).await
+                };
+                match outcome {
+                    Err(ClusterError::NotLeader { .. }) => {}
+                    Err(ClusterError::NoQuorum { .. }) if Instant::now() < deadline => {}
+                    other => return other,
+                }
+            }
+            if Instant::now() >= deadline {
+                let voters = list(membership.voter_ids());
+                let waited_ms = timeout.as_millis() as u64;
+                return Err(match last_leader {
+                    Some(leader) => ClusterError::NoQuorum { leader, waited_ms, voters },
+                    None => ClusterError::NoLeader { waited_ms, voters },
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `op` to the leader. A leader that cannot be reached counts as
+    /// "not the leader": the caller waits for the next one.
+    async fn forward(&self, leader: NodeId, addr: &str, op: &LeaderOp, budget: Duration) -> Result<LeaderReply, ClusterError> {
+        let not_leader = ClusterError::NotLeader { node: leader };
+        let Ok(channel) = self.inner.peers.channel(leader, addr) else {
+            return Err(not_leader);
+        };
+        let json = serde_json::to_vec(op).map_err(|e| ClusterError::Rejected(format!("cannot encode the operation: {e}")))?;
+        let mut req = tonic::Request::new(Payload { json });
+        req.set_timeout(budget.max(Duration::from_millis(10)));
+        match RaftTransportClient::new(channel).forward(req).await {
+            Ok(reply) => serde_json::from_slice(&reply.into_inner().json)
+                .unwrap_or_else(|e| Err(ClusterError::Rejected(format!("the leader's reply is malformed: {e}")))),
+            Err(status) => {
+                tracing::debug!(leader, addr, %status, "forwarding to the leader failed; waiting for leadership to settle");
+                Err(not_leader)
+            }
+        }
+    }
+
+    /// Runs an operation on this node, which must be the leader. Bounded by
+    /// the write timeout: a leader without quorum answers instead of hanging.
+    pub(crate) async fn run_as_leader(&self, op: LeaderOp) -> Result<LeaderReply, ClusterError> {
+        let timeout = self.inner.settings.write_timeout;
+        match tokio::time::timeout(timeout, self.execute(op)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClusterError::NoQuorum {
+                leader: self.id(),
+                waited_ms: timeout.as_millis() as u64,
+                voters: list(self.metrics().membership_config.membership().voter_ids()),
+            }),
+        }
+    }
+
+    async fn execute(&self, op: LeaderOp) -> Result<LeaderReply, ClusterError> {
+        let raft = &self.inner.raft;
+        match op {
+            LeaderOp::Write(cmd) => {
+                let resp = raft.client_write(cmd).await.map_err(|e| self.write_error(e))?;
+                Ok(LeaderReply::Written(resp.data))
+            }
+            LeaderOp::AddNode { id, addr } => {
+                self.check_new_member(id, &addr)?;
+                raft.add_learner(id, BasicNode::new(&addr), true).await.map_err(|e| self.write_error(e))?;
+                let resp = raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false).await.map_err(|e| self.write_error(e))?;
+                tracing::info!(node = id, addr, "node joined as a voter");
+                Ok(LeaderReply::Members(membership_of(resp.membership.as_ref())))
+            }
+            LeaderOp::RemoveNode { id } => {
+                let m = self.metrics();
+                let membership = m.membership_config.membership();
+                let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+                let change = if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(ClusterError::Rejected(format!("node {id} is the last voter: a cluster keeps at least one")));
+                    }
+                    ChangeMembers::RemoveVoters([id].into())
+                } else if membership.get_node(&id).is_some() {
+                    ChangeMembers::RemoveNodes([id].into())
+                } else {
+                    return Err(ClusterError::Rejected(format!(
+                        "node {id} is not a member: the members are {}",
+                        list(membership.nodes().map(|(id, _)| *id))
+                    )));
+                };
+                let resp = raft.change_membership(change, false).await.map_err(|e| self.write_error(e))?;
+                tracing::info!(node = id, "node removed from the cluster");
+                Ok(LeaderReply::Members(membership_of(resp.membership.as_ref())))
+            }
+        }
+    }
+
+    fn check_new_member(&self, id: NodeId, addr: &str) -> Result<(), ClusterError> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            return Err(ClusterError::Rejected(format!("node {id} is already a voter of the cluster")));
+        }
+        if let Some(node) = membership.get_node(&id) {
+            if node.addr != addr {
+                return Err(ClusterError::Rejected(format!(
+                    "node {id} is already a learner at {}: run `lbctl node remove {id}` first to move it to {addr}",
+                    node.addr
+                )));
+            }
+        }
+        if let Some((other, _)) = membership.nodes().find(|(other, n)| n.addr == addr && **other != id) {
+            return Err(ClusterError::Rejected(format!("address {addr} already belongs to node {other}")));
+        }
+        Ok(())
+    }
+
+    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
+        let node = self.id();
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ClusterError::NotLeader { node },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ClusterError::Rejected(e.to_string()),
+            RaftError::Fatal(f) => ClusterError::Fatal { node, reason: f.to_string() },
+        }
+    }
+
+    /// The group as this node sees it: leader, term, members with their roles.
+    pub fn status(&self) -> Status {
+        let m = self.metrics();
+        let applied = self.applied();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let me = self.id();
+        let members = membership
+            .nodes()
+            .map(|(&id, node)| {
+                let role = if id == me {
+                    match m.state {
+                        ServerState::Leader => MemberRole::Leader,
+                        ServerState::Candidate => MemberRole::Candidate,
+                        ServerState::Learner => MemberRole::Learner,
+                        _ if !voters.contains(&id) => MemberRole::Learner,
+                        _ => MemberRole::Follower,
+                    }
+                } else if !voters.contains(&id) {
+                    MemberRole::Learner
+                } else if m.current_leader == Some(id) {
+                    MemberRole::Leader
+                } else {
+                    MemberRole::Follower
+                };
+                let info = applied.state.nodes.get(&id);
+                MemberStatus {
+                    id,
+                    addr: node.addr.clone(),
+                    role,
+                    version: info.map(|i| i.version.clone()).unwrap_or_default(),
+                    drain: info.is_some_and(|i| i.drain),
+                    last_contact: if id == me { None } else { self.inner.peers.last_contact(id) },
+                }
+            })
+            .collect();
+        let initialized = membership.nodes().next().is_some();
+        Status {
+            node: me,
+            initialized,
+            leader: m.current_leader,
+            term: m.current_term,
+            config_version: applied.state.config_version(),
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            members,
+        }
+    }
+
+    /// Logs each change of leader, so an operator reading one node's log
+    /// sees the group's history without openraft's internals.
+    async fn log_leadership(self) {
+        let mut metrics = self.inner.raft.metrics();
+        let mut seen = (None, None);
+        loop {
+            let now = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader, m.running_state.as_ref().err().map(|e| e.to_string()))
+            };
+            if now != seen {
+                match (&now.0, &now.1) {
+                    (_, Some(fatal)) => tracing::error!(error = %fatal, "the Raft engine stopped"),
+                    (Some(l), None) if *l == self.id() => tracing::info!(term = metrics.borrow().current_term, "this node is the leader"),
+                    (Some(l), None) => tracing::info!(leader = l, term = metrics.borrow().current_term, "following the leader"),
+                    (None, None) => tracing::info!("no leader known"),
+                }
+                seen = now;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps this node's entry in the registry at the software version it
+    /// runs: after a restart on a new version the registry shows it.
+    async fn report_version(self) {
+        let mut applied = self.subscribe();
+        let version = self.inner.settings.version.clone();
+        loop {
+            let stale = applied.borrow_and_update().state.nodes.get(&self.id()).is_some_and(|n| n.version != version);
+            if stale {
+                let cmd = Command::ReportNode { id: self.id(), version: version.clone() };
+                if let Err(e) = self.write(cmd).await {
+                    tracing::debug!(error = %e, "could not report the software version yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+            if applied.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft did not stop cleanly");
+        }
+    }
+}
+
+fn membership_of(m: Option<&openraft::Membership<NodeId, BasicNode>>) -> Membership {
+    match m {
+        Some(m) => Membership { voters: m.voter_ids().collect(), learners: m.learner_ids().collect() },
+        None => Membership { voters: vec![], learners: vec![] },
+    }
+}
+
+fn list(ids: impl Iterator<Item = NodeId>) -> String {
+    ids.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}

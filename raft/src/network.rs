@@ -1,0 +1,164 @@
+//! Raft RPCs to peers over gRPC. One lazily connected tonic channel per peer
+//! is kept and shared by every RPC to it. A peer that stops answering is
+//! logged once when it becomes unreachable and once when it is back, never
+//! per RPC, and its last successful contact is kept for `cluster status`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use raftlb_proto::raft::raft_transport_client::RaftTransportClient;
+use raftlb_proto::raft::Payload;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{NodeId, TypeConfig};
+
+/// How long a connection attempt to a peer may take. Short: on loopback and in
+/// a LAN a live peer answers in well under this, and a dead one must not hold
+/// up the heartbeats to the others.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The channels to every peer and what is known of their reachability.
+#[derive(Default)]
+pub struct Peers {
+    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    contact: Mutex<HashMap<NodeId, Contact>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Contact {
+    last_ok: Option<Instant>,
+    unreachable: bool,
+}
+
+impl Peers {
+    /// The channel to `id` at `addr`, made on first use and remade when the
+    /// peer's address changed.
+    pub fn channel(&self, id: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().expect("peer table lock");
+        if let Some((known, ch)) = channels.get(&id) {
+            if known == addr {
+                return Ok(ch.clone());
+            }
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        channels.insert(id, (addr.to_owned(), ch.clone()));
+        Ok(ch)
+    }
+
+    /// A message from or to `id` went through.
+    pub fn contacted(&self, id: NodeId, addr: Option<&str>) {
+        let mut contact = self.contact.lock().expect("peer contact lock");
+        let c = contact.entry(id).or_default();
+        if c.unreachable {
+            tracing::info!(peer = id, addr, "peer is reachable again");
+        }
+        *c = Contact { last_ok: Some(Instant::now()), unreachable: false };
+    }
+
+    fn unreachable(&self, id: NodeId, addr: &str, reason: &str) {
+        let mut contact = self.contact.lock().expect("peer contact lock");
+        let c = contact.entry(id).or_default();
+        if !c.unreachable {
+            tracing::warn!(peer = id, addr, reason, "peer is unreachable; retrying quietly until it answers");
+            c.unreachable = true;
+        }
+    }
+
+    /// How long ago a message to or from `id` last went through.
+    pub fn last_contact(&self, id: NodeId) -> Option<Duration> {
+        self.contact.lock().expect("peer contact lock").get(&id).and_then(|c| c.last_ok).map(|t| t.elapsed())
+    }
+}
+
+/// Hands openraft one [`PeerClient`] per replication target.
+#[derive(Clone)]
+pub struct Network {
+    pub(crate) peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient { target, node: node.clone(), peers: self.peers.clone() }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    node: BasicNode,
+    peers: Arc<Peers>,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    /// Sends one JSON-wrapped RPC and unwraps the peer's `Result`.
+    async fn call<Req, Resp, E, F, Fut>(&self, req: &Req, option: &RPCOption, send: F) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+        F: FnOnce(RaftTransportClient<Channel>, tonic::Request<Payload>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Payload>, tonic::Status>>,
+    {
+        let addr = self.node.addr.as_str();
+        let channel = self.peers.channel(self.target, addr).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(Payload { json });
+        request.set_timeout(option.hard_ttl());
+        let reply = match send(RaftTransportClient::new(channel), request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                self.peers.unreachable(self.target, addr, status.message());
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+        };
+        self.peers.contacted(self.target, Some(addr));
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(&rpc, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+    }
+
+    /// Retries an unreachable peer quickly at first, so a restarted node
+    /// rejoins at once, then every half second.
+    fn backoff(&self) -> Backoff {
+        Backoff::new((0..).map(|i: u32| Duration::from_millis(50u64.saturating_mul(1 << i.min(4)).min(500))))
+    }
+}

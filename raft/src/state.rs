@@ -1,0 +1,205 @@
+//! The replicated cluster state and how each committed entry changes it. This
+//! is pure data: the stores persist it, the Raft group orders the commands,
+//! and every node applies the same commands in the same order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use openraft::{BasicNode, Membership};
+use raftlb_proto::spec::Spec;
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// How many applied spec versions are kept for `config history` and rollback.
+pub const CONFIG_HISTORY: usize = 50;
+
+/// A change to the cluster state, proposed through Raft. Timestamps come from
+/// the proposing node so that applying a command is deterministic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Make a validated spec the version in force.
+    ApplySpec { spec: Arc<Spec>, at_ms: u64 },
+    /// Make the spec of an earlier version the version in force, as a new version.
+    Rollback { version: u64, at_ms: u64 },
+    /// A member reports the software version it runs (at start, so after an upgrade).
+    ReportNode { id: NodeId, version: String },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Blank and membership entries, and commands with nothing to report.
+    Done,
+    /// The spec version in force after the command, and whether it is new.
+    Config { version: u64, changed: bool },
+    /// The command was valid to propose but not against the state it met
+    /// (an unknown version, a node that left). Nothing changed.
+    Rejected(String),
+}
+
+/// One applied spec version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigVersion {
+    pub version: u64,
+    pub spec: Arc<Spec>,
+    pub applied_at_ms: u64,
+    /// Set when the version was made by rolling back to an earlier one.
+    pub rollback_of: Option<u64>,
+}
+
+/// A member of the cluster, as the node registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// The gRPC address peers and lbctl reach it at.
+    pub addr: String,
+    /// Software version the node reported; empty until it does.
+    pub version: String,
+    /// Set while the node is drained for maintenance.
+    pub drain: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Applied spec versions, oldest first; the last one is in force.
+    pub configs: VecDeque<ConfigVersion>,
+    /// The node registry: exactly the members of the Raft group.
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
+}
+
+impl ClusterState {
+    /// The spec version in force, if any spec was applied.
+    pub fn current(&self) -> Option<&ConfigVersion> {
+        self.configs.back()
+    }
+
+    /// The number of the version in force; 0 before the first apply.
+    pub fn config_version(&self) -> u64 {
+        self.current().map_or(0, |c| c.version)
+    }
+
+    pub fn config(&self, version: u64) -> Option<&ConfigVersion> {
+        self.configs.iter().find(|c| c.version == version)
+    }
+
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::ApplySpec { spec, at_ms } => self.push_config(spec.clone(), *at_ms, None),
+            Command::Rollback { version, at_ms } => match self.config(*version) {
+                Some(old) => self.push_config(old.spec.clone(), *at_ms, Some(*version)),
+                None => CommandResult::Rejected(self.unknown_version(*version)),
+            },
+            Command::ReportNode { id, version } => match self.nodes.get_mut(id) {
+                Some(node) => {
+                    node.version.clone_from(version);
+                    CommandResult::Done
+                }
+                None => CommandResult::Rejected(format!("node {id} is not a member of the cluster")),
+            },
+        }
+    }
+
+    /// Keeps the registry equal to the membership: members that joined appear
+    /// with their address, members that left disappear.
+    pub fn apply_membership(&mut self, membership: &Membership<NodeId, BasicNode>) {
+        let members: BTreeMap<NodeId, &BasicNode> = membership.nodes().map(|(id, n)| (*id, n)).collect();
+        self.nodes.retain(|id, _| members.contains_key(id));
+        for (id, node) in members {
+            let entry =
+                self.nodes.entry(id).or_insert_with(|| NodeInfo { id, addr: node.addr.clone(), version: String::new(), drain: false });
+            entry.addr.clone_from(&node.addr);
+        }
+    }
+
+    fn push_config(&mut self, spec: Arc<Spec>, at_ms: u64, rollback_of: Option<u64>) -> CommandResult {
+        if let Some(cur) = self.current() {
+            if cur.spec == spec {
+                return CommandResult::Config { version: cur.version, changed: false };
+            }
+        }
+        let version = self.config_version() + 1;
+        self.configs.push_back(ConfigVersion { version, spec, applied_at_ms: at_ms, rollback_of });
+        while self.configs.len() > CONFIG_HISTORY {
+            self.configs.pop_front();
+        }
+        CommandResult::Config { version, changed: true }
+    }
+
+    fn unknown_version(&self, version: u64) -> String {
+        match (self.configs.front(), self.configs.back()) {
+            (Some(first), Some(last)) => format!(
+                "config version {version} is not in the history: versions {} to {} are kept (see lbctl config history)",
+                first.version, last.version
+            ),
+            _ => format!("config version {version} does not exist: no spec has been applied yet"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(backend: &str) -> Arc<Spec> {
+        let yaml = format!("backends:\n  - name: {backend}\n    servers: []\n");
+        Arc::new(Spec::from_yaml(&yaml).unwrap())
+    }
+
+    #[test]
+    fn each_new_spec_gets_the_next_version_and_an_equal_one_does_not() {
+        let mut st = ClusterState::default();
+        assert_eq!(st.apply(&Command::ApplySpec { spec: spec("a"), at_ms: 1 }), CommandResult::Config { version: 1, changed: true });
+        assert_eq!(st.apply(&Command::ApplySpec { spec: spec("b"), at_ms: 2 }), CommandResult::Config { version: 2, changed: true });
+        assert_eq!(st.apply(&Command::ApplySpec { spec: spec("b"), at_ms: 3 }), CommandResult::Config { version: 2, changed: false });
+        assert_eq!(st.config_version(), 2);
+    }
+
+    #[test]
+    fn rollback_makes_a_new_version_with_the_old_spec() {
+        let mut st = ClusterState::default();
+        st.apply(&Command::ApplySpec { spec: spec("a"), at_ms: 1 });
+        st.apply(&Command::ApplySpec { spec: spec("b"), at_ms: 2 });
+        assert_eq!(st.apply(&Command::Rollback { version: 1, at_ms: 3 }), CommandResult::Config { version: 3, changed: true });
+        let cur = st.current().unwrap();
+        assert_eq!(cur.spec, spec("a"));
+        assert_eq!(cur.rollback_of, Some(1));
+    }
+
+    #[test]
+    fn rollback_to_an_unknown_version_changes_nothing() {
+        let mut st = ClusterState::default();
+        st.apply(&Command::ApplySpec { spec: spec("a"), at_ms: 1 });
+        let before = st.clone();
+        match st.apply(&Command::Rollback { version: 9, at_ms: 2 }) {
+            CommandResult::Rejected(msg) => assert!(msg.contains("config version 9 is not in the history"), "{msg}"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn history_keeps_the_last_fifty_versions() {
+        let mut st = ClusterState::default();
+        for i in 0..60 {
+            st.apply(&Command::ApplySpec { spec: spec(&format!("b{i}")), at_ms: i });
+        }
+        assert_eq!(st.configs.len(), CONFIG_HISTORY);
+        assert_eq!(st.configs.front().unwrap().version, 11);
+        assert_eq!(st.config_version(), 60);
+        assert!(matches!(st.apply(&Command::Rollback { version: 10, at_ms: 61 }), CommandResult::Rejected(_)));
+    }
+
+    #[test]
+    fn the_registry_follows_the_membership() {
+        let mut st = ClusterState::default();
+        let nodes =
+            |ids: &[u64]| -> BTreeMap<u64, BasicNode> { ids.iter().map(|i| (*i, BasicNode::new(format!("127.0.0.1:{i}")))).collect() };
+        st.apply_membership(&Membership::new(vec![[1, 2].into()], nodes(&[1, 2])));
+        st.apply(&Command::ReportNode { id: 2, version: "0.1.0".into() });
+        st.apply_membership(&Membership::new(vec![[2, 3].into()], nodes(&[2, 3])));
+        assert_eq!(st.nodes.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(st.nodes[&2].version, "0.1.0", "a member that stays keeps what it reported");
+        assert!(matches!(st.apply(&Command::ReportNode { id: 1, version: "x".into() }), CommandResult::Rejected(_)));
+    }
+}
