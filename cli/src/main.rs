@@ -1,1 +1,297 @@
-fn main() {}
+//! `lbctl`: drives a raftlb cluster through the admin API of any one node.
+
+mod client;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use clap::{Parser, Subcommand};
+use client::Client;
+use raftlb_proto::admin::*;
+use raftlb_proto::spec::{self, Spec};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "lbctl", version, about = "Drive a raftlb cluster: membership, configuration, status")]
+struct Cli {
+    /// Admin address of any node of the cluster.
+    #[arg(long, global = true, env = "LBCTL_ENDPOINT", default_value = "127.0.0.1:7001", value_name = "ADDR")]
+    endpoint: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for an answer, like 15s or 500ms.
+    #[arg(long, global = true, default_value = "15s", value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<spec::Duration>().map(spec::Duration::get)
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a cluster, or show its state.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Add or remove cluster members.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Apply, inspect and roll back the cluster spec.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Make the node at --endpoint the first member of a new cluster.
+    Init,
+    /// Leader, term, config version, and every member with its role.
+    Status {
+        /// Show the answering node's own view instead of the leader's.
+        #[arg(long)]
+        local: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Join a running lbnode: it catches up as a learner, then becomes a voter.
+    Add {
+        /// The node's id (its --id).
+        id: u64,
+        /// The node's gRPC address (its --listen or --advertise).
+        addr: String,
+    },
+    /// Remove a member from the cluster.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a spec and make it the new version on every node.
+    Apply {
+        /// The spec file (YAML); - reads standard input.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Validate and show the change; commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the spec in force, or an earlier version from the history.
+    Get {
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List the versions kept for rollback.
+    History,
+    /// Show how a spec file differs from the spec in force.
+    Diff {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Make an earlier version's spec the spec in force, as a new version.
+    Rollback { version: u64 },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lbctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // A spec is checked before any node is contacted: a bad file fails fast, offline.
+    let local_spec = match &cli.command {
+        Cmd::Config(ConfigCmd::Apply { file, .. } | ConfigCmd::Diff { file }) => Some(read_spec(file)?),
+        _ => None,
+    };
+    let c = Client::connect(&cli.endpoint, cli.timeout).await?;
+    let mut admin = c.admin.clone();
+    let json_out = cli.json;
+    match cli.command {
+        Cmd::Cluster(ClusterCmd::Init) => {
+            let r = admin.cluster_init(c.request(ClusterInitRequest {})).await.map_err(|s| c.fail(s))?.into_inner();
+            emit(json_out, json!({ "node": r.node_id, "addr": r.addr }), || {
+                format!("initialized a new cluster: node {} at {} leads it", r.node_id, r.addr)
+            });
+        }
+        Cmd::Cluster(ClusterCmd::Status { local }) => {
+            let r = admin.cluster_status(c.request(ClusterStatusRequest { local })).await.map_err(|s| c.fail(s))?.into_inner();
+            print_status(json_out, &r);
+        }
+        Cmd::Node(NodeCmd::Add { id, addr }) => {
+            let r = admin.node_add(c.request(NodeAddRequest { id, addr: addr.clone() })).await.map_err(|s| c.fail(s))?.into_inner();
+            print_members(json_out, &format!("node {id} at {addr} joined as a voter"), &r);
+        }
+        Cmd::Node(NodeCmd::Remove { id }) => {
+            let r = admin.node_remove(c.request(NodeRemoveRequest { id })).await.map_err(|s| c.fail(s))?.into_inner();
+            print_members(json_out, &format!("node {id} removed"), &r);
+        }
+        Cmd::Config(ConfigCmd::Apply { dry_run, .. }) => {
+            let (_, yaml) = local_spec.expect("read above");
+            let r =
+                admin.config_apply(c.request(ConfigApplyRequest { spec_yaml: yaml, dry_run })).await.map_err(|s| c.fail(s))?.into_inner();
+            let summary = match (dry_run, r.changed) {
+                (true, true) => format!("dry run: the spec is valid and would replace version {}; nothing was committed", r.version),
+                (true, false) => format!("dry run: the spec is valid and equals version {}, which is in force", r.version),
+                (false, true) => format!("applied: version {} is in force", r.version),
+                (false, false) => format!("unchanged: the spec equals version {}, which stays in force", r.version),
+            };
+            emit(json_out, json!({ "version": r.version, "changed": r.changed, "dry_run": dry_run, "diff": r.diff }), || {
+                format!("{summary}\n{}", r.diff).trim_end().to_owned()
+            });
+        }
+        Cmd::Config(ConfigCmd::Get { version }) => {
+            let r =
+                admin.config_get(c.request(ConfigGetRequest { version: version.unwrap_or(0) })).await.map_err(|s| c.fail(s))?.into_inner();
+            if json_out {
+                let spec = Spec::from_yaml(&r.spec_yaml).map_err(|e| anyhow!("the node sent a spec that does not validate here: {e}"))?;
+                println!("{}", json!({ "version": r.version, "spec": spec }));
+            } else {
+                print!("# raftlb spec, version {}\n{}", r.version, r.spec_yaml);
+            }
+        }
+        Cmd::Config(ConfigCmd::History) => {
+            let r = admin.config_history(c.request(ConfigHistoryRequest {})).await.map_err(|s| c.fail(s))?.into_inner();
+            print_history(json_out, &r);
+        }
+        Cmd::Config(ConfigCmd::Diff { file }) => {
+            let (spec, _) = local_spec.expect("read above");
+            let (version, current) = match admin.config_get(c.request(ConfigGetRequest { version: 0 })).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    (r.version, r.spec_yaml)
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => (0, String::new()),
+                Err(s) => return Err(c.fail(s)),
+            };
+            let diff = spec::diff(&current, &spec.to_yaml(), &format!("version {version}"), &file.display().to_string());
+            emit(json_out, json!({ "version": version, "changed": !diff.is_empty(), "diff": diff }), || {
+                if diff.is_empty() {
+                    format!("{} equals version {version}, which is in force", file.display())
+                } else {
+                    diff.trim_end().to_owned()
+                }
+            });
+        }
+        Cmd::Config(ConfigCmd::Rollback { version }) => {
+            let r = admin.config_rollback(c.request(ConfigRollbackRequest { version })).await.map_err(|s| c.fail(s))?.into_inner();
+            emit(json_out, json!({ "version": r.version, "changed": r.changed, "rollback_to": version, "diff": r.diff }), || {
+                if r.changed {
+                    format!("rolled back: version {} holds the spec of version {version}\n{}", r.version, r.diff).trim_end().to_owned()
+                } else {
+                    format!("unchanged: version {version}'s spec is already in force as version {}", r.version)
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads and validates a spec file; returns the spec and the text as written.
+fn read_spec(path: &Path) -> anyhow::Result<(Spec, String)> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the spec from standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let spec = Spec::from_yaml(&text).map_err(|e| anyhow!("{} is not a valid spec; nothing was applied:\n{e}", path.display()))?;
+    Ok((spec, text))
+}
+
+fn emit(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
+    if json_out {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+fn print_status(json_out: bool, r: &ClusterStatusReply) {
+    let members: Vec<_> = r
+        .members
+        .iter()
+        .map(|m| json!({ "id": m.id, "addr": m.addr, "role": m.role, "version": m.version, "drain": m.drain, "last_contact_ms": m.last_contact_ms }))
+        .collect();
+    let value = json!({
+        "leader": r.leader, "term": r.term, "config_version": r.config_version, "answered_by": r.answered_by,
+        "initialized": r.initialized, "last_applied": r.last_applied, "members": members,
+    });
+    emit(json_out, value, || {
+        if !r.initialized {
+            return format!(
+                "node {} is not part of a cluster yet: run `lbctl cluster init` on it, or `lbctl node add` on a member",
+                r.answered_by
+            );
+        }
+        let leader = r.leader.map_or("none".to_owned(), |l| l.to_string());
+        let mut out =
+            format!("leader: {leader}   term: {}   config version: {}   (view of node {})\n\n", r.term, r.config_version, r.answered_by);
+        let mut rows = vec![["ID", "ADDRESS", "ROLE", "VERSION", "LAST CONTACT"].map(String::from).to_vec()];
+        for m in &r.members {
+            let contact = m.last_contact_ms.map_or("-".to_owned(), |ms| format!("{ms}ms ago"));
+            let version = if m.version.is_empty() { "-".to_owned() } else { m.version.clone() };
+            let role = if m.drain { format!("{} (drain)", m.role) } else { m.role.clone() };
+            rows.push(vec![m.id.to_string(), m.addr.clone(), role, version, contact]);
+        }
+        out.push_str(&table(&rows));
+        out
+    });
+}
+
+fn print_members(json_out: bool, what: &str, r: &NodeChangeReply) {
+    let ids = |v: &[u64]| if v.is_empty() { "-".to_owned() } else { v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ") };
+    emit(json_out, json!({ "voters": r.voters, "learners": r.learners }), || {
+        format!("{what}: voters {}; learners {}", ids(&r.voters), ids(&r.learners))
+    });
+}
+
+fn print_history(json_out: bool, r: &ConfigHistoryReply) {
+    let versions: Vec<_> = r
+        .versions
+        .iter()
+        .map(|v| json!({ "version": v.version, "applied_at_ms": v.applied_at_ms, "origin": v.origin, "current": v.current }))
+        .collect();
+    emit(json_out, json!({ "versions": versions }), || {
+        if r.versions.is_empty() {
+            return "no spec has been applied yet".to_owned();
+        }
+        let mut rows = vec![["VERSION", "APPLIED (UTC)", "ORIGIN", ""].map(String::from).to_vec()];
+        for v in r.versions.iter().rev() {
+            let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(v.applied_at_ms)).to_string();
+            rows.push(vec![v.version.to_string(), at, v.origin.clone(), if v.current { "in force".into() } else { String::new() }]);
+        }
+        table(&rows)
+    });
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().enumerate().map(|(c, cell)| format!("{cell:<w$}", w = widths[c])).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.trim_end().to_owned()
+}

@@ -22,8 +22,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuil
 }
 
 #[test]
-fn sled_store_passes_the_openraft_suite() -> Result<(), StorageError<NodeId>> {
-    Suite::test_all(SledBuilder)
+fn sled_store_passes_the_openraft_suite() {
+    if let Err(e) = Suite::test_all(SledBuilder) {
+        panic!("openraft's storage suite failed: {e}");
+    }
 }
 
 fn entry(term: u64, index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {

@@ -341,7 +341,14 @@ impl Spec {
         let de = serde_norway::Deserializer::from_str(text);
         let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            SpecErrors::one(SpecError::new(if path == "." { String::new() } else { path }, e.into_inner().to_string()))
+            let path = if path == "." { String::new() } else { path };
+            // The YAML reader names the field itself ("a.b: unknown field"); keep one path.
+            let message = e.into_inner().to_string();
+            let message = match message.split_once(": ") {
+                Some((prefix, rest)) if !path.is_empty() && path.starts_with(prefix) => rest.to_owned(),
+                _ => message,
+            };
+            SpecErrors::one(SpecError::new(path, message))
         })?;
         spec.validate()?;
         Ok(spec)

@@ -1,0 +1,166 @@
+//! The node config: a YAML file (`--config`) whose every setting a flag of
+//! the same name overrides. It says who this node is and where it listens;
+//! what it balances is the cluster spec, replicated by Raft.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use raftlb_proto::spec::Duration;
+use raftlb_raft::Settings;
+use serde::Deserialize;
+
+/// The node config file. Every field is optional here: flags may supply it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id in the cluster: a number above 0, unique and never reused.
+    pub id: Option<u64>,
+    /// Where the gRPC server (Raft between nodes, and the admin API) listens.
+    pub listen: Option<SocketAddr>,
+    /// The address peers and lbctl use to reach this node; defaults to `listen`.
+    pub advertise: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// Where the monitor HTTP server (`GET /healthz`) listens; off when absent.
+    pub monitor: Option<SocketAddr>,
+    #[serde(default)]
+    pub raft: RaftTimings,
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTimings {
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// How long a write may wait for a leader and a quorum before it fails.
+    pub write_timeout: Duration,
+    /// Log entries between two snapshots.
+    pub snapshot_after: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(5),
+            snapshot_after: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter, like `info` or `info,raftlb_raft=debug`; RUST_LOG wins over it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        // openraft reports every failed RPC to an unreachable peer; the node
+        // logs reachability and leadership changes itself, once each.
+        LogSettings { format: LogFormat::Text, level: "info,openraft=off".to_owned() }
+    }
+}
+
+/// The flags that override the file, as `lbnode` parses them.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Node config file (YAML); flags override its settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's id: a number above 0, unique in the cluster.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// gRPC address for Raft and the admin API, like 127.0.0.1:7001.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Address peers and lbctl reach this node at (default: --listen).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// Directory of the Raft log and snapshots.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP address of the monitor server (GET /healthz).
+    #[arg(long, value_name = "ADDR")]
+    pub monitor: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Everything the node needs to run, complete and checked.
+#[derive(Debug)]
+pub struct Resolved {
+    pub settings: Settings,
+    pub listen: SocketAddr,
+    pub monitor: Option<SocketAddr>,
+    pub log: LogSettings,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the node config {}", path.display()))?;
+        let de = serde_norway::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path_in_file = e.path().to_string();
+            anyhow::anyhow!("{}: {path_in_file}: {}", path.display(), e.into_inner())
+        })
+    }
+}
+
+impl Overrides {
+    /// Reads the file if given, lays the flags over it and checks the result.
+    pub fn resolve(self) -> anyhow::Result<Resolved> {
+        let mut file = match &self.config {
+            Some(path) => NodeConfig::load(path)?,
+            None => NodeConfig::default(),
+        };
+        let missing = |flag: &str| format!("--{flag} is missing: give it as a flag or as `{}:` in the node config", flag.replace('-', "_"));
+        let id = self.id.or(file.id).with_context(|| missing("id"))?;
+        if id == 0 {
+            bail!("--id 0 is not a node id: use a number above 0");
+        }
+        let listen = self.listen.or(file.listen).with_context(|| missing("listen"))?;
+        let data_dir = self.data_dir.or(file.data_dir).with_context(|| missing("data-dir"))?;
+        let advertise = self.advertise.or(file.advertise).unwrap_or_else(|| listen.to_string());
+        if listen.ip().is_unspecified() && advertise == listen.to_string() {
+            bail!("--listen {listen} is not an address peers can reach: give --advertise with this node's reachable address");
+        }
+        if let Some(format) = self.log_format {
+            file.log.format = format;
+        }
+        let t = &file.raft;
+        if t.election_timeout_min >= t.election_timeout_max {
+            bail!(
+                "raft.election_timeout_min ({}) must be below raft.election_timeout_max ({})",
+                t.election_timeout_min,
+                t.election_timeout_max
+            );
+        }
+        if t.heartbeat.is_zero() || t.heartbeat >= t.election_timeout_min {
+            bail!("raft.heartbeat ({}) must be above zero and below raft.election_timeout_min ({})", t.heartbeat, t.election_timeout_min);
+        }
+        let mut settings = Settings::new(id, advertise, data_dir);
+        settings.heartbeat = t.heartbeat.get();
+        settings.election_timeout_min = t.election_timeout_min.get();
+        settings.election_timeout_max = t.election_timeout_max.get();
+        settings.write_timeout = t.write_timeout.get();
+        settings.snapshot_after = t.snapshot_after.max(1);
+        Ok(Resolved { settings, listen, monitor: self.monitor.or(file.monitor), log: file.log })
+    }
+}

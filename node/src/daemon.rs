@@ -1,0 +1,55 @@
+//! Runs one node: binds its listeners, starts its Raft instance on its data
+//! dir, serves the transport and admin API until SIGTERM or SIGINT, then
+//! stops Raft cleanly.
+
+use anyhow::Context;
+use raftlb_proto::admin::admin_server::AdminServer;
+use raftlb_raft::Cluster;
+use tokio::signal::unix::{signal, SignalKind};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::admin::AdminService;
+use crate::config::Resolved;
+use crate::monitor;
+
+pub async fn run(node: Resolved) -> anyhow::Result<()> {
+    let Resolved { settings, listen, monitor, .. } = node;
+    // Bind first: a taken port fails before the data dir is touched.
+    let incoming =
+        TcpIncoming::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen} (--listen): {e}"))?.with_nodelay(Some(true));
+    let monitor_listener = match monitor {
+        Some(addr) => Some(monitor::bind(addr).await?),
+        None => None,
+    };
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+
+    let (id, data_dir) = (settings.id, settings.data_dir.clone());
+    let cluster = Cluster::start(settings)
+        .await
+        .with_context(|| format!("node {id} cannot start on {} (is another lbnode using this data dir?)", data_dir.display()))?;
+    tracing::info!(node = id, %listen, data_dir = %data_dir.display(), version = raftlb_proto::VERSION, "lbnode started");
+    if !cluster.is_initialized() {
+        tracing::info!("not a member of a cluster yet: run `lbctl cluster init` on the first node, or `lbctl node add` on a member");
+    }
+    if let Some(listener) = monitor_listener {
+        tokio::spawn(monitor::serve(listener, cluster.clone()));
+    }
+
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    Server::builder()
+        .add_service(cluster.transport_service())
+        .add_service(AdminServer::new(AdminService::new(cluster.clone())))
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await
+        .context("the gRPC server failed")?;
+    cluster.shutdown().await;
+    tracing::info!(node = id, "lbnode stopped");
+    Ok(())
+}
