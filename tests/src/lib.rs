@@ -1,1 +1,278 @@
+//! A harness for end-to-end tests: clusters of real `lbnode` processes on
+//! loopback, driven by the real `lbctl`. Every process a test starts is
+//! killed when the test ends, also when it fails; the node logs of a failed
+//! test are printed.
 
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Clusters run one at a time: Raft timings (150-300 ms elections) are real,
+/// and several clusters at once on two cores would test the scheduler.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A built binary of the workspace, next to this test executable's folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --profile ci --bins` before the tests (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A free port on 127.0.0.1, as the kernel hands it out.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, or panics after `limit`
+/// naming `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub monitor: SocketAddr,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts the lbnode process (again) with the same id, address and data.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("the node log");
+        let child = Command::new(binary("lbnode"))
+            .args(["--id", &self.id.to_string(), "--listen", &self.endpoint(), "--monitor", &self.monitor.to_string()])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "info,openraft=off")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("the node log"))
+            .stderr(log)
+            .spawn()
+            .expect("lbnode starts");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the process dies at once, with no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the node runs");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM is delivered");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("the node's status") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("node {} did not exit within 10 s of SIGTERM", self.id);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The result of one lbctl run.
+pub struct Lbctl {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Lbctl {
+    pub fn json(&self) -> Value {
+        assert!(self.ok, "lbctl failed: {}", self.stderr);
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("lbctl printed no JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs lbctl against `endpoint` with `args`.
+pub fn lbctl(endpoint: &str, args: &[&str]) -> Lbctl {
+    let out: Output = Command::new(binary("lbctl"))
+        .args(["--endpoint", endpoint, "--timeout", "20s"])
+        .args(args)
+        .env_remove("LBCTL_ENDPOINT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("lbctl runs");
+    Lbctl {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub dir: TempDir,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// Starts `n` lbnode processes with ids 1..=n; they form no cluster yet.
+    pub fn start(n: u64) -> Cluster {
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dir = TempDir::new().expect("a temporary directory");
+        let nodes = (1..=n)
+            .map(|id| Node {
+                id,
+                addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                monitor: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                data_dir: dir.path().join(format!("node{id}")),
+                log: dir.path().join(format!("node{id}.log")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Cluster { nodes, dir, _serial: serial };
+        for i in 0..cluster.nodes.len() {
+            cluster.nodes[i].start();
+        }
+        for node in &cluster.nodes {
+            cluster.wait_until_answers(node.id);
+        }
+        cluster
+    }
+
+    /// Starts `n` nodes and forms a cluster of them: init on node 1, then
+    /// `node add` for each other node.
+    pub fn formed(n: u64) -> Cluster {
+        let cluster = Cluster::start(n);
+        let first = cluster.endpoint(1);
+        let init = lbctl(&first, &["cluster", "init"]);
+        assert!(init.ok, "cluster init: {}", init.stderr);
+        for node in &cluster.nodes[1..] {
+            let add = lbctl(&first, &["node", "add", &node.id.to_string(), &node.endpoint()]);
+            assert!(add.ok, "node add {}: {}", node.id, add.stderr);
+        }
+        cluster
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("a node of this cluster")
+    }
+
+    pub fn endpoint(&self, id: u64) -> String {
+        self.nodes.iter().find(|n| n.id == id).expect("a node of this cluster").endpoint()
+    }
+
+    pub fn wait_until_answers(&self, id: u64) {
+        let endpoint = self.endpoint(id);
+        wait_for(Duration::from_secs(10), &format!("node {id} to answer"), || {
+            lbctl(&endpoint, &["cluster", "status", "--local", "--json"]).ok.then_some(())
+        });
+    }
+
+    /// `cluster status --local --json` of one node; `None` if it does not answer.
+    pub fn local_status(&self, id: u64) -> Option<Value> {
+        let out = lbctl(&self.endpoint(id), &["cluster", "status", "--local", "--json"]);
+        out.ok.then(|| out.json())
+    }
+
+    /// The leader every running node agrees on, once they agree on one that
+    /// is itself running (right after a crash the others still name the dead one).
+    pub fn agreed_leader(&self, limit: Duration) -> u64 {
+        wait_for(limit, "the running nodes to agree on a running leader", || {
+            let mut leaders = self.nodes.iter().filter(|n| n.is_running()).map(|n| self.local_status(n.id)?["leader"].as_u64());
+            let first = leaders.next()??;
+            let running = self.nodes.iter().any(|n| n.id == first && n.is_running());
+            (running && leaders.all(|l| l == Some(first))).then_some(first)
+        })
+    }
+
+    /// The config version each running node reports.
+    pub fn config_versions(&self) -> Vec<Option<u64>> {
+        self.nodes.iter().filter(|n| n.is_running()).map(|n| self.local_status(n.id).and_then(|s| s["config_version"].as_u64())).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let log = node.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- node {} log (last {} lines) ----", node.id, tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// A spec that only uses loopback addresses; `n` makes each one different.
+pub fn loopback_spec(n: u16) -> String {
+    format!(
+        "frontends:
+  - name: web
+    bind: [\"127.0.0.1:{front}\"]
+    mode: http
+    default_backend: app
+backends:
+  - name: app
+    balance: roundrobin
+    servers:
+      - {{ name: s1, address: \"127.0.0.1:{s1}\" }}
+      - {{ name: s2, address: \"127.0.0.1:{s2}\" }}
+",
+        front = 18000 + n,
+        s1 = 19000 + n,
+        s2 = 20000 + n
+    )
+}
+
+/// Writes a spec into the cluster's directory and returns its path.
+pub fn spec_file(cluster: &Cluster, name: &str, text: &str) -> String {
+    let path = cluster.dir.path().join(name);
+    std::fs::write(&path, text).expect("the spec file");
+    path.to_string_lossy().into_owned()
+}

@@ -1,0 +1,71 @@
+//! `lbnode demo`, the README's first command: three nodes on loopback that
+//! form a cluster with a spec applied, and stop when the demo is interrupted.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use raftlb_tests::{binary, lbctl, wait_for};
+
+/// A base port whose three gRPC ports and three monitor ports (+100) are free.
+fn free_base() -> u16 {
+    (0..200)
+        .map(|i| 30_000 + i * 7)
+        .find(|base| (0..3).all(|i| [base + i, base + i + 100].iter().all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())))
+        .expect("six free ports for the demo")
+}
+
+#[test]
+fn the_demo_runs_a_three_node_cluster_and_stops_on_interrupt() {
+    let base = free_base();
+    let mut demo = Command::new(binary("lbnode"))
+        .args(["demo", "--base-port", &base.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("lbnode demo starts");
+    let stdout = demo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+            if line.starts_with("Ctrl-C stops the demo") {
+                let _ = tx.send(text.clone());
+            }
+        }
+    });
+    let guide = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(guide) => guide,
+        Err(_) => {
+            let _ = demo.kill();
+            panic!("the demo printed no guide within 30 s");
+        }
+    };
+    assert!(guide.contains("cluster status"), "the guide says what to try: {guide}");
+
+    let endpoint = format!("127.0.0.1:{}", base + 1);
+    let status = wait_for(Duration::from_secs(5), "every demo node to report its version", || {
+        let s = lbctl(&endpoint, &["cluster", "status", "--json"]).json();
+        let members = s["members"].as_array()?;
+        let reported = members.iter().all(|m| m["version"].as_str().is_some_and(|v| !v.is_empty()));
+        (members.len() == 3 && reported).then_some(s)
+    });
+    assert_eq!(status["config_version"], 1, "{status}");
+    let spec = lbctl(&endpoint, &["config", "get", "--json"]).json();
+    for server in spec["spec"]["backends"][0]["servers"].as_array().unwrap() {
+        assert!(server["address"].as_str().unwrap().starts_with("127.0.0.1:"), "the demo stays on loopback: {server}");
+    }
+
+    kill(Pid::from_raw(demo.id() as i32), Signal::SIGINT).unwrap();
+    let exited = wait_for(Duration::from_secs(15), "the demo to exit after SIGINT", || demo.try_wait().unwrap());
+    assert!(exited.success(), "{exited}");
+    for i in 0..3 {
+        assert!(!lbctl(&format!("127.0.0.1:{}", base + i), &["cluster", "status"]).ok, "demo node {} still answers", i + 1);
+    }
+}
