@@ -1,16 +1,18 @@
 //! `lbnode demo`: starts three nodes of this same binary on loopback, forms a
 //! cluster of them, applies a sample spec, prints what to try with lbctl, and
-//! stops them all on Ctrl-C. Needs no root and no file.
+//! stops them all on Ctrl-C or SIGTERM. Needs no root and no file.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use raftlb_proto::admin::{ClusterInitRequest, ConfigApplyRequest, IdentityRequest, NodeAddRequest};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::connect;
 
@@ -69,7 +71,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     print_guide(&nodes, &exe, &dir, args.dir.is_none());
 
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     println!("\nstopping the demo nodes");
     stop(&mut nodes).await;
     Ok(())
@@ -78,7 +84,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 fn spawn(exe: &Path, dir: &Path, id: u64, addr: SocketAddr, monitor: SocketAddr) -> anyhow::Result<DemoNode> {
     let log = dir.join(format!("node{id}.log"));
     let out = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is a single async-signal-safe system
+    // call. It stops a node when the demo dies, even by SIGKILL.
+    unsafe {
+        cmd.pre_exec(|| set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from));
+    }
+    let child = cmd
         .args(["--id", &id.to_string(), "--listen", &addr.to_string(), "--monitor", &monitor.to_string()])
         .arg("--data-dir")
         .arg(dir.join(format!("node{id}")))

@@ -3,7 +3,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -18,11 +20,11 @@ fn free_base() -> u16 {
         .expect("six free ports for the demo")
 }
 
-#[test]
-fn the_demo_runs_a_three_node_cluster_and_stops_on_interrupt() {
-    let base = free_base();
+/// Starts `lbnode demo` and waits for its guide.
+fn start_demo(base: u16, extra: &[&str]) -> (Child, String) {
     let mut demo = Command::new(binary("lbnode"))
         .args(["demo", "--base-port", &base.to_string()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -40,13 +42,32 @@ fn the_demo_runs_a_three_node_cluster_and_stops_on_interrupt() {
             }
         }
     });
-    let guide = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(guide) => guide,
-        Err(_) => {
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(guide) => (demo, guide),
+        Err(RecvTimeoutError::Disconnected) => panic!("the demo exited before printing its guide: {:?}", demo.wait()),
+        Err(RecvTimeoutError::Timeout) => {
             let _ = demo.kill();
             panic!("the demo printed no guide within 30 s");
         }
-    };
+    }
+}
+
+/// One demo at a time: each looks for free ports, then binds them.
+static ONE_DEMO: Mutex<()> = Mutex::new(());
+
+fn one_demo() -> MutexGuard<'static, ()> {
+    ONE_DEMO.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn none_answers(base: u16) -> bool {
+    (0..3).all(|i| !lbctl(&format!("127.0.0.1:{}", base + i), &["cluster", "status", "--local"]).ok)
+}
+
+#[test]
+fn the_demo_runs_a_three_node_cluster_and_stops_on_interrupt() {
+    let _one = one_demo();
+    let base = free_base();
+    let (mut demo, guide) = start_demo(base, &[]);
     assert!(guide.contains("cluster status"), "the guide says what to try: {guide}");
 
     let endpoint = format!("127.0.0.1:{}", base + 1);
@@ -65,7 +86,16 @@ fn the_demo_runs_a_three_node_cluster_and_stops_on_interrupt() {
     kill(Pid::from_raw(demo.id() as i32), Signal::SIGINT).unwrap();
     let exited = wait_for(Duration::from_secs(15), "the demo to exit after SIGINT", || demo.try_wait().unwrap());
     assert!(exited.success(), "{exited}");
-    for i in 0..3 {
-        assert!(!lbctl(&format!("127.0.0.1:{}", base + i), &["cluster", "status"]).ok, "demo node {} still answers", i + 1);
-    }
+    assert!(none_answers(base), "a demo node still answers");
+}
+
+#[test]
+fn the_demo_nodes_stop_when_the_demo_is_killed() {
+    let _one = one_demo();
+    let base = free_base();
+    let dir = tempfile::TempDir::new().unwrap();
+    let (mut demo, _) = start_demo(base, &["--dir", &dir.path().to_string_lossy()]);
+    demo.kill().unwrap();
+    demo.wait().unwrap();
+    wait_for(Duration::from_secs(10), "the demo nodes to stop after the demo was killed", || none_answers(base).then_some(()));
 }
