@@ -39,6 +39,8 @@ pub struct RaftTimings {
     pub write_timeout: Duration,
     /// Log entries between two snapshots.
     pub snapshot_after: u64,
+    /// Log entries kept behind a snapshot; a follower further behind is sent the snapshot.
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for RaftTimings {
@@ -49,6 +51,7 @@ impl Default for RaftTimings {
             election_timeout_max: Duration::from_millis(300),
             write_timeout: Duration::from_secs(5),
             snapshot_after: 1000,
+            logs_kept_after_snapshot: 100,
         }
     }
 }
@@ -161,6 +164,65 @@ impl Overrides {
         settings.election_timeout_max = t.election_timeout_max.get();
         settings.write_timeout = t.write_timeout.get();
         settings.snapshot_after = t.snapshot_after.max(1);
+        settings.logs_kept_after_snapshot = t.logs_kept_after_snapshot;
         Ok(Resolved { settings, listen, monitor: self.monitor.or(file.monitor), log: file.log })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (_d, path) = file("id: 1\nlisten: 127.0.0.1:7001\ndata_dir: /tmp/a\nraft:\n  heartbeat: 40ms\n");
+        let flags = Overrides { config: Some(path), id: Some(2), data_dir: Some("/tmp/b".into()), ..Default::default() };
+        let r = flags.resolve().unwrap();
+        assert_eq!(r.settings.id, 2);
+        assert_eq!(r.settings.data_dir, PathBuf::from("/tmp/b"));
+        assert_eq!(r.listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(r.settings.addr, "127.0.0.1:7001", "advertise defaults to listen");
+        assert_eq!(r.settings.heartbeat.as_millis(), 40);
+        assert_eq!(r.settings.election_timeout_min.as_millis(), 150, "unset timings keep their defaults");
+    }
+
+    #[test]
+    fn a_missing_setting_names_the_flag_and_the_key() {
+        let err = Overrides { listen: Some("127.0.0.1:1".parse().unwrap()), data_dir: Some("/tmp".into()), ..Default::default() }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--id is missing: give it as a flag or as `id:` in the node config");
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_refused_with_its_path() {
+        let (_d, path) = file("id: 1\nraft:\n  hearbeat: 40ms\n");
+        let err = Overrides { config: Some(path), ..Default::default() }.resolve().unwrap_err().to_string();
+        assert!(err.contains("raft.hearbeat") && err.contains("unknown field `hearbeat`"), "{err}");
+    }
+
+    #[test]
+    fn timings_that_cannot_elect_are_refused() {
+        let (_d, path) =
+            file("id: 1\nlisten: 127.0.0.1:7001\ndata_dir: /tmp/a\nraft:\n  election_timeout_min: 300ms\n  election_timeout_max: 300ms\n");
+        let err = Overrides { config: Some(path), ..Default::default() }.resolve().unwrap_err().to_string();
+        assert!(err.contains("raft.election_timeout_min (300ms) must be below raft.election_timeout_max (300ms)"), "{err}");
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_an_advertised_one() {
+        let base =
+            Overrides { id: Some(1), listen: Some("0.0.0.0:7001".parse().unwrap()), data_dir: Some("/tmp".into()), ..Default::default() };
+        assert!(base.clone().resolve().unwrap_err().to_string().contains("--advertise"));
+        let r = Overrides { advertise: Some("10.0.0.1:7001".into()), ..base }.resolve().unwrap();
+        assert_eq!(r.settings.addr, "10.0.0.1:7001");
     }
 }

@@ -36,6 +36,9 @@ pub struct Settings {
     pub write_timeout: Duration,
     /// Log entries between snapshots.
     pub snapshot_after: u64,
+    /// Log entries kept behind a snapshot, for followers that lag a little;
+    /// one further behind is sent the snapshot.
+    pub logs_kept_after_snapshot: u64,
     /// The software version this node reports into the registry.
     pub version: String,
 }
@@ -51,6 +54,7 @@ impl Settings {
             election_timeout_max: Duration::from_millis(300),
             write_timeout: Duration::from_secs(5),
             snapshot_after: 1000,
+            logs_kept_after_snapshot: 100,
             version: raftlb_proto::VERSION.to_owned(),
         }
     }
@@ -143,7 +147,7 @@ impl Cluster {
             election_timeout_min: settings.election_timeout_min.as_millis() as u64,
             election_timeout_max: settings.election_timeout_max.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_after),
-            max_in_snapshot_log_to_keep: 100,
+            max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             ..Default::default()
         }
         .validate()
@@ -322,6 +326,9 @@ impl Cluster {
         }
     }
 
+    /// Retrying an operation after leadership moved may run it twice; every
+    /// command is idempotent against the state it meets (an equal spec makes
+    /// no new version), and a membership change checks the membership first.
     async fn execute(&self, op: LeaderOp) -> Result<LeaderReply, ClusterError> {
         let raft = &self.inner.raft;
         match op {
@@ -331,7 +338,20 @@ impl Cluster {
             }
             LeaderOp::AddNode { id, addr } => {
                 self.check_new_member(id, &addr)?;
-                raft.add_learner(id, BasicNode::new(&addr), true).await.map_err(|e| self.write_error(e))?;
+                // Catching up gets half the budget, so that a node the leader cannot
+                // replicate to is reported as such rather than as a lost quorum.
+                let catch_up = self.inner.settings.write_timeout / 2;
+                match tokio::time::timeout(catch_up, raft.add_learner(id, BasicNode::new(&addr), true)).await {
+                    Ok(result) => result.map_err(|e| self.write_error(e))?,
+                    Err(_) => {
+                        return Err(ClusterError::Rejected(format!(
+                            "node {id} at {addr} did not catch up within {} ms: the leader (node {}) cannot replicate to it; \
+                             it stays a learner until `lbctl node remove {id}`",
+                            catch_up.as_millis(),
+                            self.id()
+                        )))
+                    }
+                };
                 let resp = raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false).await.map_err(|e| self.write_error(e))?;
                 tracing::info!(node = id, addr, "node joined as a voter");
                 Ok(LeaderReply::Members(membership_of(resp.membership.as_ref())))

@@ -54,6 +54,8 @@ pub struct Node {
     pub addr: SocketAddr,
     pub monitor: SocketAddr,
     pub data_dir: PathBuf,
+    /// A node config file passed with --config, if the test wrote one.
+    pub config: Option<PathBuf>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -75,7 +77,11 @@ impl Node {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("the node log");
-        let child = Command::new(binary("lbnode"))
+        let mut cmd = Command::new(binary("lbnode"));
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        let child = cmd
             .args(["--id", &self.id.to_string(), "--listen", &self.endpoint(), "--monitor", &self.monitor.to_string()])
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -157,14 +163,25 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` lbnode processes with ids 1..=n; they form no cluster yet.
     pub fn start(n: u64) -> Cluster {
+        Cluster::start_with_config(n, None)
+    }
+
+    /// Like [`Cluster::start`], every node also reading `node_config` (YAML) with --config.
+    pub fn start_with_config(n: u64, node_config: Option<&str>) -> Cluster {
         let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = TempDir::new().expect("a temporary directory");
+        let config = node_config.map(|text| {
+            let path = dir.path().join("node.yaml");
+            std::fs::write(&path, text).expect("the node config");
+            path
+        });
         let nodes = (1..=n)
             .map(|id| Node {
                 id,
                 addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
                 monitor: SocketAddr::from(([127, 0, 0, 1], free_port())),
                 data_dir: dir.path().join(format!("node{id}")),
+                config: config.clone(),
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,
             })
@@ -183,14 +200,23 @@ impl Cluster {
     /// `node add` for each other node.
     pub fn formed(n: u64) -> Cluster {
         let cluster = Cluster::start(n);
-        let first = cluster.endpoint(1);
-        let init = lbctl(&first, &["cluster", "init"]);
-        assert!(init.ok, "cluster init: {}", init.stderr);
-        for node in &cluster.nodes[1..] {
-            let add = lbctl(&first, &["node", "add", &node.id.to_string(), &node.endpoint()]);
-            assert!(add.ok, "node add {}: {}", node.id, add.stderr);
+        cluster.init();
+        for id in 2..=n {
+            cluster.add(id);
         }
         cluster
+    }
+
+    /// `lbctl cluster init` on node 1.
+    pub fn init(&self) {
+        let init = lbctl(&self.endpoint(1), &["cluster", "init"]);
+        assert!(init.ok, "cluster init: {}", init.stderr);
+    }
+
+    /// `lbctl node add` of node `id`, sent to node 1.
+    pub fn add(&self, id: u64) {
+        let add = lbctl(&self.endpoint(1), &["node", "add", &id.to_string(), &self.endpoint(id)]);
+        assert!(add.ok, "node add {id}: {}", add.stderr);
     }
 
     pub fn node(&mut self, id: u64) -> &mut Node {

@@ -268,3 +268,41 @@ fn the_monitor_answers_healthz() {
     let health: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
     assert_eq!((health["status"].as_str(), health["node"].as_u64(), health["leader"].as_u64()), (Some("ok"), Some(1), Some(1)), "{health}");
 }
+
+#[test]
+fn a_node_that_joins_late_is_sent_a_snapshot() {
+    // Snapshot every 3 entries and keep no log behind it: a new node cannot
+    // be sent the log from the start and must install the snapshot.
+    let c = Cluster::start_with_config(3, Some("raft:\n  snapshot_after: 3\n  logs_kept_after_snapshot: 0\n"));
+    c.init();
+    c.add(2);
+    for n in 1..=6 {
+        apply(&c.endpoint(1), &spec_file(&c, &format!("v{n}.yaml"), &loopback_spec(n)));
+    }
+    c.add(3);
+    wait_for(Duration::from_secs(2), "node 3 to report version 6", || {
+        (c.local_status(3)?["config_version"].as_u64() == Some(6)).then_some(())
+    });
+    assert!(c.nodes[2].log().contains("installed a snapshot sent by the leader"), "{}", c.nodes[2].log());
+    let history = lbctl(&c.endpoint(3), &["config", "history", "--json"]).json();
+    assert_eq!(history, lbctl(&c.endpoint(1), &["config", "history", "--json"]).json());
+}
+
+#[test]
+fn an_unreachable_peer_is_logged_once_not_per_rpc() {
+    let mut c = Cluster::formed(3);
+    let leader = c.agreed_leader(Duration::from_secs(2));
+    let peer = c.nodes.iter().map(|n| n.id).find(|id| *id != leader).unwrap();
+    c.node(peer).kill();
+    // Heartbeats go out every 50 ms: two seconds are forty failed RPCs.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = c.node(leader).log();
+    let about_peer: Vec<&str> = log.lines().filter(|l| l.contains(&format!("peer={peer}"))).collect();
+    assert_eq!(about_peer.len(), 1, "one line about the lost peer, got:\n{}", about_peer.join("\n"));
+    assert!(about_peer[0].contains("peer is unreachable"), "{}", about_peer[0]);
+
+    c.node(peer).start();
+    wait_for(Duration::from_secs(3), "the leader to log the peer back", || {
+        c.node(leader).log().lines().any(|l| l.contains(&format!("peer={peer}")) && l.contains("reachable again")).then_some(())
+    });
+}

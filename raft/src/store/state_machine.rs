@@ -166,6 +166,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.snapshot_file.write(&StoredSnapshot { meta: meta.clone(), data }).await?;
         self.applied = applied;
         self.publish();
+        tracing::info!(up_to = ?meta.last_log_id.map(|l| l.index), "installed a snapshot sent by the leader");
         Ok(())
     }
 
