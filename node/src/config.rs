@@ -2,12 +2,15 @@
 //! the same name overrides. It says who this node is and where it listens;
 //! what it balances is the cluster spec, replicated by Raft.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use raftlb_proto::spec::Duration;
 use raftlb_raft::Settings;
+
+use crate::dataplane::runtime::BindRewrite;
 use serde::Deserialize;
 
 /// The node config file. Every field is optional here: flags may supply it.
@@ -23,6 +26,10 @@ pub struct NodeConfig {
     pub data_dir: Option<PathBuf>,
     /// Where the monitor HTTP server (`GET /healthz`) listens; off when absent.
     pub monitor: Option<SocketAddr>,
+    /// Frontend bind addresses this node moves to another IP, for several
+    /// nodes on one host: `{"127.0.0.1": "127.0.0.2"}`.
+    #[serde(default)]
+    pub bind_rewrite: BTreeMap<IpAddr, IpAddr>,
     #[serde(default)]
     pub raft: RaftTimings,
     #[serde(default)]
@@ -101,15 +108,25 @@ pub struct Overrides {
     /// HTTP address of the monitor server (GET /healthz).
     #[arg(long, value_name = "ADDR")]
     pub monitor: Option<SocketAddr>,
+    /// Serve frontends bound to FROM on TO instead, like 127.0.0.1=127.0.0.2 (repeatable).
+    #[arg(long, value_name = "FROM=TO", value_parser = parse_rewrite)]
+    pub bind_rewrite: Vec<(IpAddr, IpAddr)>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+}
+
+fn parse_rewrite(s: &str) -> Result<(IpAddr, IpAddr), String> {
+    let bad = || format!("{s:?} is not a rewrite: write FROM=TO with two IP addresses, like 127.0.0.1=127.0.0.2");
+    let (from, to) = s.split_once('=').ok_or_else(bad)?;
+    Ok((from.trim().parse().map_err(|_| bad())?, to.trim().parse().map_err(|_| bad())?))
 }
 
 /// Everything the node needs to run, complete and checked.
 #[derive(Debug)]
 pub struct Resolved {
     pub settings: Settings,
+    pub bind_rewrite: BindRewrite,
     pub listen: SocketAddr,
     pub monitor: Option<SocketAddr>,
     pub log: LogSettings,
@@ -165,7 +182,9 @@ impl Overrides {
         settings.write_timeout = t.write_timeout.get();
         settings.snapshot_after = t.snapshot_after.max(1);
         settings.logs_kept_after_snapshot = t.logs_kept_after_snapshot;
-        Ok(Resolved { settings, listen, monitor: self.monitor.or(file.monitor), log: file.log })
+        let mut bind_rewrite: BindRewrite = file.bind_rewrite.into_iter().collect();
+        bind_rewrite.extend(self.bind_rewrite);
+        Ok(Resolved { settings, bind_rewrite, listen, monitor: self.monitor.or(file.monitor), log: file.log })
     }
 }
 

@@ -2,10 +2,13 @@
 //! on loopback to try lbctl against.
 
 mod admin;
+mod balance;
 mod config;
 mod daemon;
+mod dataplane;
 mod demo;
 mod monitor;
+mod stats;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,9 @@
 //! The monitor HTTP server: `GET /healthz` answers 200 while the node and its
-//! Raft engine run, 503 once the engine stopped, with a small JSON summary.
+//! Raft engine run, 503 once the engine stopped, with a small JSON summary;
+//! `GET /stats` gives the traffic counters per frontend, backend and server.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -10,11 +12,13 @@ use hyper_util::rt::TokioIo;
 use raftlb_raft::Cluster;
 use tokio::net::TcpListener;
 
+use crate::dataplane::runtime::Shared;
+
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the monitor server (--monitor): {e}"))
 }
 
-pub async fn serve(listener: TcpListener, cluster: Cluster) {
+pub async fn serve(listener: TcpListener, cluster: Cluster, shared: Arc<Shared>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -23,11 +27,11 @@ pub async fn serve(listener: TcpListener, cluster: Cluster) {
                 continue;
             }
         };
-        let cluster = cluster.clone();
+        let (cluster, shared) = (cluster.clone(), shared.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let cluster = cluster.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&req, &cluster)) }
+                let (cluster, shared) = (cluster.clone(), shared.clone());
+                async move { Ok::<_, std::convert::Infallible>(answer(&req, &cluster, &shared)) }
             });
             // A client that hangs up mid-request is no event worth a log line.
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
@@ -35,7 +39,7 @@ pub async fn serve(listener: TcpListener, cluster: Cluster) {
     }
 }
 
-fn answer(req: &Request<Incoming>, cluster: &Cluster) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, cluster: &Cluster, shared: &Shared) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
@@ -57,7 +61,12 @@ fn answer(req: &Request<Incoming>, cluster: &Cluster) -> Response<Full<Bytes>> {
             let code = if running { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             reply(code, format!("{body}\n"))
         }
-        (_, "/healthz") => reply(StatusCode::METHOD_NOT_ALLOWED, "{\"error\":\"use GET\"}\n".into()),
-        _ => reply(StatusCode::NOT_FOUND, "{\"error\":\"not found: try GET /healthz\"}\n".into()),
+        (&Method::GET, "/stats") => {
+            let mut body = shared.stats.snapshot();
+            body["config_version"] = cluster.status().config_version.into();
+            reply(StatusCode::OK, format!("{body}\n"))
+        }
+        (_, "/healthz" | "/stats") => reply(StatusCode::METHOD_NOT_ALLOWED, "{\"error\":\"use GET\"}\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "{\"error\":\"not found: try GET /healthz or GET /stats\"}\n".into()),
     }
 }

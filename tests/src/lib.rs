@@ -3,6 +3,9 @@
 //! killed when the test ends, also when it fails; the node logs of a failed
 //! test are printed.
 
+pub mod backend;
+pub mod client;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -83,6 +86,8 @@ impl Node {
         }
         let child = cmd
             .args(["--id", &self.id.to_string(), "--listen", &self.endpoint(), "--monitor", &self.monitor.to_string()])
+            // Several nodes on one host: node N serves frontends bound to 127.0.0.1 on 127.0.0.N.
+            .args(["--bind-rewrite", &format!("127.0.0.1=127.0.0.{}", self.id)])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "info,openraft=off")
@@ -117,6 +122,17 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where this node serves a frontend that the spec binds to `bind` on 127.0.0.1.
+    pub fn frontend(&self, bind: SocketAddr) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, self.id as u8], bind.port()))
+    }
+
+    /// The node's traffic counters (`GET /stats` on its monitor).
+    pub fn stats(&self) -> Value {
+        let reply = client::get(self.monitor, "/stats", &[]).expect("the monitor answers");
+        serde_json::from_str(&reply.body).expect("stats are JSON")
     }
 
     pub fn log(&self) -> String {
@@ -294,6 +310,13 @@ backends:
         s1 = 19000 + n,
         s2 = 20000 + n
     )
+}
+
+/// Applies a spec (YAML) through node `via` and returns the new version.
+pub fn apply_spec(cluster: &Cluster, via: u64, name: &str, yaml: &str) -> u64 {
+    let file = spec_file(cluster, name, yaml);
+    let out = lbctl(&cluster.endpoint(via), &["config", "apply", "-f", &file, "--json"]).json();
+    out["version"].as_u64().expect("a version")
 }
 
 /// Writes a spec into the cluster's directory and returns its path.

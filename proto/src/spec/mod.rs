@@ -207,9 +207,8 @@ pub struct Backend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CookieMode {
+    /// The balancer adds a cookie naming the server to the first response.
     Insert,
-    Rewrite,
-    Prefix,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

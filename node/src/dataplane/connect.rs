@@ -1,0 +1,67 @@
+//! Getting a server for a session: a slot from the backend, then a
+//! connection, with `retries` on a failed connect and, with `redispatch`,
+//! each retry on another server. Shared by TCP and HTTP mode.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::runtime::{BackendRt, Lease, NoServer, Runtime, ServerState};
+use crate::stats::Counters;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    NoServer(NoServer),
+    /// Every attempt to connect failed.
+    Connect,
+}
+
+/// Runs `attempt` against servers of `be` until one succeeds: at most
+/// `1 + retries` attempts, each on a server slot the backend grants.
+pub async fn with_retries<T, F, Fut>(
+    rt: &Runtime,
+    be: &BackendRt,
+    src: IpAddr,
+    prefer: Option<&str>,
+    mut attempt: F,
+) -> Result<(usize, Lease, T), Failure>
+where
+    F: FnMut(&ServerState) -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    let mut exclude = Vec::new();
+    let mut prefer = prefer;
+    for n in 0..=rt.retries {
+        let (index, lease) = be.lease(src, prefer, &exclude, rt.timeouts.queue.get()).await.map_err(Failure::NoServer)?;
+        match attempt(&lease.state).await {
+            Ok(value) => return Ok((index, lease, value)),
+            Err(e) => {
+                tracing::debug!(backend = %be.spec.name, server = %lease.state.name, error = %e, "connect failed");
+                Counters::add(&lease.state.counters.errors, 1);
+                Counters::add(&be.counters.errors, 1);
+                if n == rt.retries {
+                    break;
+                }
+                Counters::add(&be.counters.retries, 1);
+                Counters::add(&lease.state.counters.retries, 1);
+                if rt.redispatch {
+                    Counters::add(&be.counters.redispatches, 1);
+                    exclude.push(index);
+                    prefer = None;
+                }
+            }
+        }
+    }
+    Err(Failure::Connect)
+}
+
+/// A TCP connection to `addr` within `limit`, with Nagle off.
+pub async fn dial(addr: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no connection to {addr} within {limit:?}")))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,588 @@
+//! HTTP mode (HTTP/1.1 on both sides, hyper 1): routing rules, header edits,
+//! X-Forwarded-*, cookie persistence, a per-server pool of backend
+//! connections that honours `http_reuse`, WebSocket/Upgrade tunnels, and
+//! HAProxy's error answers (400, 408, 431 to clients; 502, 503, 504 for
+//! server trouble).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use raftlb_proto::spec::{CookieMode, HttpReuse};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Sleep;
+
+use super::connect::{dial, with_retries, Failure};
+use super::pipe::pipe;
+use super::runtime::{BackendRt, FrontendRt, Lease, Runtime};
+use crate::stats::Counters;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Idle connections to one server, kept for reuse.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
+}
+
+/// Idle connections kept per server.
+const POOL_LIMIT: usize = 256;
+/// Largest request head a client may send: larger gets 431.
+const MAX_HEAD: usize = 64 * 1024;
+
+impl Pool {
+    fn take(&self) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() && !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: SendRequest<Incoming>) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < POOL_LIMIT && !sender.is_closed() {
+            idle.push(sender);
+        }
+    }
+}
+
+/// One client connection: what every request on it shares.
+struct Client {
+    runtime: watch::Receiver<Option<Arc<Runtime>>>,
+    local: SocketAddr,
+    peer: SocketAddr,
+    /// Requests answered on this connection so far (`http_reuse: safe` keeps the first on its own connection).
+    served: AtomicU64,
+    /// Requests whose response (or tunnel) is not finished yet.
+    in_flight: Arc<AtomicU64>,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Relaxed);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve(
+    runtime: watch::Receiver<Option<Arc<Runtime>>>,
+    fe: Arc<FrontendRt>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let Some(rt) = runtime.borrow().clone() else { return };
+    let (head_timeout, idle_timeout) = (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get());
+    // A second handle on the socket: hyper gives up the connection when the
+    // request head times out, and HAProxy's answer to that is a 408.
+    let spare = match stream.into_std().and_then(|s| Ok((s.try_clone()?, s))) {
+        Ok((spare, s)) => match TcpStream::from_std(s) {
+            Ok(stream) => Some((spare, stream)),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    let Some((spare, stream)) = spare else { return };
+    let read_since_write = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let io = ClientIo {
+        inner: stream,
+        idle: idle_timeout,
+        idle_sleep: None,
+        read_since_write: read_since_write.clone(),
+        in_flight: in_flight.clone(),
+        counters: fe.counters.clone(),
+    };
+    let client = Arc::new(Client { runtime, local, peer, served: AtomicU64::new(0), in_flight });
+    let service = hyper::service::service_fn(move |req| {
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(handle(&client, req).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_header_size(MAX_HEAD)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = result {
+        // A head that started but did not finish in time: answer 408, as HAProxy does.
+        // An idle keep-alive connection that times out is closed without a word.
+        if e.is_timeout() && read_since_write.load(Relaxed) > 0 {
+            Counters::add(&fe.counters.errors, 1);
+            fe.counters.response(408);
+            if let Ok(mut spare) = TcpStream::from_std(spare) {
+                let _ = spare.write_all(&canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.")).await;
+                let _ = spare.shutdown().await;
+            }
+        } else {
+            tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// A whole HTTP/1.1 error response, for the one case written outside hyper.
+fn canned(status: StatusCode, text: &str) -> Vec<u8> {
+    let body = format!("<html><body><h1>{} {}</h1>\n{text}\n</body></html>\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/html\r\ncontent-length: {}\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let body = format!("<html><body><h1>{} {}</h1>\n{text}\n</body></html>\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/html")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .expect("a static response is well formed")
+}
+
+async fn handle(client: &Client, req: Request<Incoming>) -> Response<ProxyBody> {
+    let first = client.served.fetch_add(1, Relaxed) == 0;
+    let in_flight = InFlight::new(&client.in_flight);
+    // Each request is served with the spec in force when it arrives.
+    let Some(rt) = client.runtime.borrow().clone() else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request.");
+    };
+    let Some(fe) = rt.by_bind.get(&client.local).cloned() else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request.");
+    };
+    let response = route_and_forward(&rt, &fe, client, req, first, in_flight).await;
+    fe.counters.response(response.status().as_u16());
+    response
+}
+
+enum Route<'a> {
+    Deny(u16),
+    Backend(&'a str),
+    Nowhere,
+}
+
+fn route<'a>(fe: &'a FrontendRt, req: &Request<Incoming>, peer: SocketAddr) -> Route<'a> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(|h| h.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(h, |(name, _)| name));
+    for rule in &fe.spec.rules {
+        let w = &rule.when;
+        let matches = w.host.as_ref().is_none_or(|want| host.is_some_and(|h| h.eq_ignore_ascii_case(want)))
+            && w.path_prefix.as_ref().is_none_or(|p| req.uri().path().starts_with(p.as_str()))
+            && w.header.as_ref().is_none_or(|m| req.headers().get_all(m.name.as_str()).iter().any(|v| v.as_bytes() == m.value.as_bytes()))
+            && (w.src.is_empty() || w.src.iter().any(|net| net.0.contains(&peer.ip())))
+            && !w.src_not.iter().any(|net| net.0.contains(&peer.ip()));
+        if matches {
+            return match (rule.deny, &rule.use_backend) {
+                (Some(status), _) => Route::Deny(status),
+                (None, Some(name)) => Route::Backend(name),
+                (None, None) => Route::Nowhere,
+            };
+        }
+    }
+    fe.spec.default_backend.as_deref().map_or(Route::Nowhere, Route::Backend)
+}
+
+async fn route_and_forward(
+    rt: &Arc<Runtime>,
+    fe: &Arc<FrontendRt>,
+    client: &Client,
+    mut req: Request<Incoming>,
+    first: bool,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
+    let be = match route(fe, &req, client.peer) {
+        Route::Deny(status) => {
+            Counters::add(&fe.counters.denied, 1);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            return error_response(status, "Request forbidden by administrative rules.");
+        }
+        Route::Backend(name) => match rt.backends.get(name) {
+            Some(be) => be.clone(),
+            None => return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request."),
+        },
+        Route::Nowhere => return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request."),
+    };
+    let upgrade = wants_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    if let Some(edits) = &fe.spec.request_headers {
+        for name in &edits.delete {
+            req.headers_mut().remove(name.as_str());
+        }
+        for (name, value) in &edits.set {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                req.headers_mut().insert(n, v);
+            }
+        }
+    }
+    if fe.spec.forwardfor {
+        forwarded_for(req.headers_mut(), client.peer);
+    }
+    let cookie_server = be.spec.cookie.as_ref().and_then(|c| cookie_value(req.headers(), &c.name));
+    if let Some(c) = be.spec.cookie.as_ref().filter(|c| c.indirect) {
+        remove_cookie(req.headers_mut(), &c.name);
+    }
+
+    let reuse = match be.spec.http_reuse {
+        HttpReuse::Never => false,
+        HttpReuse::Safe => !first,
+        HttpReuse::Always => true,
+    } && !upgrade;
+    let connect_timeout = rt.timeouts.connect.get();
+    let got = with_retries(rt, &be, client.peer.ip(), cookie_server.as_deref(), |server| {
+        let pooled = if reuse { server.pool.take() } else { None };
+        let addr = server.addr;
+        async move {
+            match pooled {
+                Some(sender) => Ok(sender),
+                None => handshake(addr, connect_timeout, upgrade).await,
+            }
+        }
+    })
+    .await;
+    let (index, lease, mut sender) = match got {
+        Ok(got) => got,
+        Err(Failure::NoServer(_)) | Err(Failure::Connect) => {
+            Counters::add(&fe.counters.errors, 1);
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request.");
+        }
+    };
+    let server_session = lease.state.counters.session();
+    Counters::add(&be.counters.sessions_total, 1);
+
+    let server_timeout = rt.timeouts.server.get();
+    let mut response = match tokio::time::timeout(server_timeout, sender.try_send_request(req)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(mut e)) => match e.take_message() {
+            // A pooled connection the server had closed: the request was not sent, so a fresh connection may carry it.
+            Some(req) => match handshake(lease.state.addr, connect_timeout, upgrade).await {
+                Ok(mut fresh) => match tokio::time::timeout(server_timeout, fresh.send_request(req)).await {
+                    Ok(Ok(resp)) => {
+                        sender = fresh;
+                        resp
+                    }
+                    Ok(Err(_)) => return bad_gateway(fe, &be, &lease),
+                    Err(_) => return gateway_timeout(fe, &be, &lease),
+                },
+                Err(_) => return bad_gateway(fe, &be, &lease),
+            },
+            None => return bad_gateway(fe, &be, &lease),
+        },
+        Err(_) => return gateway_timeout(fe, &be, &lease),
+    };
+    drop(server_session);
+    let status = response.status();
+    be.counters.response(status.as_u16());
+    lease.state.counters.response(status.as_u16());
+
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let server_upgrade = hyper::upgrade::on(&mut response);
+            let (tunnel, be) = (rt.timeouts.tunnel.get(), be.clone());
+            tokio::spawn(async move {
+                let (_lease, _in_flight) = (lease, in_flight);
+                if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
+                    // The frontend counts the tunnel at the client socket.
+                    let up = [&be.counters.bytes_in];
+                    let down = [&be.counters.bytes_out];
+                    let _ = pipe(TokioIo::new(c), TokioIo::new(s), tunnel, &up, &down).await;
+                }
+            });
+            return response.map(|_| Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        }
+    }
+
+    strip_hop_by_hop(response.headers_mut(), false);
+    // The client's hop is HTTP/1.1 whatever the server spoke.
+    *response.version_mut() = hyper::Version::HTTP_11;
+    if let Some(cookie) = be.spec.cookie.as_ref().filter(|c| c.mode == CookieMode::Insert) {
+        let name = &be.servers[index].spec.name;
+        if cookie_server.as_deref() != Some(name.as_str()) {
+            if let Ok(v) = HeaderValue::from_str(&format!("{}={name}; path=/", cookie.name)) {
+                response.headers_mut().append(header::SET_COOKIE, v);
+            }
+            if cookie.nocache {
+                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+            }
+        }
+    }
+    let pool_back = (be.spec.http_reuse != HttpReuse::Never).then_some(sender);
+    // The frontend's bytes are counted at the client socket; these count what came from the server.
+    let counters = [be.counters.clone(), lease.state.counters.clone()];
+    response.map(|body| {
+        let done = Done { _lease: lease, _in_flight: in_flight, sender: pool_back };
+        ResponseBody { inner: body, idle: server_timeout, sleep: None, counters, done: Some(done) }.boxed()
+    })
+}
+
+fn bad_gateway(fe: &FrontendRt, be: &BackendRt, lease: &Lease) -> Response<ProxyBody> {
+    for c in [&fe.counters, &be.counters, &lease.state.counters] {
+        Counters::add(&c.errors, 1);
+    }
+    error_response(StatusCode::BAD_GATEWAY, "The server returned an invalid or incomplete response.")
+}
+
+fn gateway_timeout(fe: &FrontendRt, be: &BackendRt, lease: &Lease) -> Response<ProxyBody> {
+    for c in [&fe.counters, &be.counters, &lease.state.counters] {
+        Counters::add(&c.errors, 1);
+    }
+    error_response(StatusCode::GATEWAY_TIMEOUT, "The server didn't respond in time.")
+}
+
+/// A new HTTP/1.1 connection to a server.
+async fn handshake(addr: SocketAddr, limit: Duration, upgrades: bool) -> std::io::Result<SendRequest<Incoming>> {
+    let stream = dial(addr, limit).await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
+    if upgrades {
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+    } else {
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    Ok(sender)
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Removes the headers that belong to one hop, and those the Connection
+/// header names. An upgrade keeps Connection and Upgrade: the server must see them.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_canonical().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(before) => format!("{before}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.to_owned()))
+}
+
+fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k != name))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// What a response holds until its body is done: the server slot, and the
+/// connection to give back to the pool.
+struct Done {
+    _lease: Lease,
+    _in_flight: InFlight,
+    sender: Option<SendRequest<Incoming>>,
+}
+
+/// The server's response body on its way to the client: counts bytes, ends
+/// with an error when the server is silent for `timeouts.server`, and
+/// returns the connection to the pool once the body is complete.
+struct ResponseBody {
+    inner: Incoming,
+    idle: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    counters: [Arc<Counters>; 2],
+    done: Option<Done>,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    for c in &this.counters {
+                        Counters::add(&c.bytes_out, data.len() as u64);
+                    }
+                }
+                this.sleep = None;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                if let Some(Done { sender: Some(sender), _lease, .. }) = this.done.take() {
+                    _lease.state.pool.put(sender);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.done = None;
+                    for c in &this.counters {
+                        Counters::add(&c.errors, 1);
+                    }
+                    return Poll::Ready(Some(Err(format!("the server sent nothing for {idle:?}").into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client's socket, watched for two timeouts hyper leaves to us: an idle
+/// keep-alive connection ends after `http_keep_alive` (as an end of stream,
+/// which hyper closes quietly), and the bytes read since the last response
+/// tell a half-sent request head (408) from an idle connection.
+struct ClientIo {
+    inner: TcpStream,
+    idle: Duration,
+    idle_sleep: Option<Pin<Box<Sleep>>>,
+    read_since_write: Arc<AtomicU64>,
+    in_flight: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = (buf.filled().len() - before) as u64;
+                if n > 0 {
+                    self.read_since_write.fetch_add(n, Relaxed);
+                    Counters::add(&self.counters.bytes_in, n);
+                    self.idle_sleep = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if self.read_since_write.load(Relaxed) == 0 && self.in_flight.load(Relaxed) == 0 {
+                    if let Some(sleep) = self.idle_sleep.as_mut() {
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = result {
+            if n > 0 {
+                self.read_since_write.store(0, Relaxed);
+                Counters::add(&self.counters.bytes_out, n as u64);
+                let idle = self.idle;
+                self.idle_sleep = Some(Box::pin(tokio::time::sleep(idle)));
+            }
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,144 @@
+//! The data plane: serves the committed spec on every node. It follows the
+//! applied cluster state; each new spec version is compiled and swapped in
+//! at once, listeners are opened for new bind addresses and closed for
+//! removed ones, and connections already accepted finish on the version
+//! they started with (TCP) or the one their request arrived under (HTTP).
+//! Nothing here waits on Raft: without quorum the last committed spec serves.
+
+mod connect;
+mod http;
+mod pipe;
+mod proxy_protocol;
+pub mod runtime;
+mod tcp;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raftlb_proto::spec::Mode;
+use raftlb_raft::Cluster;
+use runtime::{BindRewrite, Runtime, Shared};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    rewrite: BindRewrite,
+    runtime: watch::Sender<Option<Arc<Runtime>>>,
+    listeners: HashMap<SocketAddr, JoinHandle<()>>,
+}
+
+impl DataPlane {
+    pub fn new(shared: Arc<Shared>, rewrite: BindRewrite) -> Self {
+        DataPlane { shared, rewrite, runtime: watch::channel(None).0, listeners: HashMap::new() }
+    }
+
+    /// Serves every spec version the cluster commits, until the node stops.
+    pub async fn run(mut self, cluster: Cluster) {
+        let mut applied = cluster.subscribe();
+        let mut serving = 0;
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let current = applied.borrow_and_update().state.current().cloned();
+            if let Some(config) = current.filter(|c| c.version != serving) {
+                let rt = Arc::new(self.shared.compile(&config.spec, &self.rewrite));
+                self.runtime.send_replace(Some(rt));
+                serving = config.version;
+                tracing::info!(version = serving, "serving config version");
+            }
+            self.reconcile_listeners();
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() { return },
+                // A bind that failed (the address is not there yet) is tried again.
+                _ = retry.tick(), if self.missing_listeners() => {}
+            }
+        }
+    }
+
+    fn wanted(&self) -> Vec<SocketAddr> {
+        self.runtime.borrow().as_ref().map(|rt| rt.by_bind.keys().copied().collect()).unwrap_or_default()
+    }
+
+    fn missing_listeners(&self) -> bool {
+        self.wanted().iter().any(|a| !self.listeners.contains_key(a))
+    }
+
+    fn reconcile_listeners(&mut self) {
+        let wanted = self.wanted();
+        self.listeners.retain(|addr, task| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                // Stops accepting; the connections it accepted run in their own tasks and finish.
+                task.abort();
+                tracing::info!(%addr, "stopped listening");
+            }
+            keep
+        });
+        for addr in wanted {
+            if self.listeners.contains_key(&addr) {
+                continue;
+            }
+            match bind(addr) {
+                Ok(listener) => {
+                    tracing::info!(%addr, "listening");
+                    self.listeners.insert(addr, tokio::spawn(accept_loop(listener, addr, self.runtime.subscribe())));
+                }
+                Err(e) => tracing::error!(%addr, error = %e, "cannot listen on a frontend address; retrying every second"),
+            }
+        }
+    }
+}
+
+/// A listening socket that may bind an address the node does not hold yet
+/// (a VIP): IP_FREEBIND, so every node listens before it holds the VIP.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: watch::Receiver<Option<Arc<Runtime>>>) {
+    loop {
+        let Some(rt) = runtime.borrow().clone() else { return };
+        let Some(fe) = rt.by_bind.get(&addr).cloned() else { return };
+        // At maxconn (the node's or the frontend's) no connection is accepted:
+        // new clients wait in the kernel's backlog, as with HAProxy.
+        let Ok(node_slot) = rt.node_slots.clone().acquire_owned().await else { return };
+        let Ok(fe_slot) = fe.slots.clone().acquire_owned().await else { return };
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // The spec in force now, which may be newer than the one the slots came from.
+        let rt = runtime.borrow().clone().unwrap_or(rt);
+        let Some(fe) = rt.by_bind.get(&addr).cloned() else { continue };
+        let _ = stream.set_nodelay(true);
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            let _slots = (node_slot, fe_slot);
+            let _session = fe.counters.session();
+            match fe.spec.mode {
+                Mode::Tcp => tcp::serve(rt, fe.clone(), stream, peer, addr).await,
+                Mode::Http => http::serve(runtime, fe.clone(), stream, peer, addr).await,
+            }
+        });
+    }
+}

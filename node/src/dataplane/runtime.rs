@@ -1,0 +1,376 @@
+//! One spec version compiled for serving: frontends by bind address,
+//! backends with their servers, balancer and limits. What must outlive a
+//! version (a server's open sessions, its idle connections, stick tables,
+//! counters, maxconn slots) lives in [`Shared`] and is found again by name,
+//! so a new version takes over without losing track of the traffic in flight.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftlb_proto::spec::{Backend, Frontend, Server, Spec, Timeouts};
+use tokio::sync::{Notify, Semaphore};
+
+use super::http::Pool;
+use crate::balance::{Balancer, Candidate};
+use crate::stats::{Counters, Stats};
+
+/// Where this node places frontends whose bind address another node on the
+/// same host already uses: `from` IP -> `to` IP (see the node config).
+pub type BindRewrite = HashMap<IpAddr, IpAddr>;
+
+pub struct Runtime {
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub redispatch: bool,
+    /// The node-wide connection limit (`defaults.maxconn`).
+    pub node_slots: Arc<Semaphore>,
+    /// Each bind address this node listens on (after the rewrite), to the frontend it serves.
+    pub by_bind: HashMap<SocketAddr, Arc<FrontendRt>>,
+    pub backends: HashMap<String, Arc<BackendRt>>,
+}
+
+pub struct FrontendRt {
+    pub spec: Frontend,
+    pub counters: Arc<Counters>,
+    pub slots: Arc<Semaphore>,
+}
+
+pub struct BackendRt {
+    pub spec: Backend,
+    pub servers: Vec<ServerRt>,
+    pub balancer: Balancer,
+    pub counters: Arc<Counters>,
+    pub shared: Arc<BackendShared>,
+}
+
+pub struct ServerRt {
+    pub spec: Server,
+    pub state: Arc<ServerState>,
+}
+
+/// A server's live state, the same object in every version that keeps the
+/// server under the same name and address.
+pub struct ServerState {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub active: AtomicU64,
+    /// Set by health checks; a server without checks is up.
+    pub up: AtomicBool,
+    pub counters: Arc<Counters>,
+    pub pool: Pool,
+}
+
+/// What a backend keeps across versions.
+#[derive(Default)]
+pub struct BackendShared {
+    /// Woken whenever a server slot frees up, for requests in the queue.
+    released: Notify,
+    /// Source stickiness: client address -> server name, until the instant.
+    stick: Mutex<HashMap<IpAddr, (String, Instant)>>,
+}
+
+/// The state that outlives spec versions, found again by name.
+#[derive(Default)]
+pub struct Shared {
+    pub stats: Arc<Stats>,
+    servers: Mutex<HashMap<(String, String, SocketAddr), Arc<ServerState>>>,
+    backends: Mutex<HashMap<String, Arc<BackendShared>>>,
+    slots: Mutex<HashMap<(String, u64), Arc<Semaphore>>>,
+}
+
+impl Shared {
+    fn slots(&self, key: &str, n: u64) -> Arc<Semaphore> {
+        let n = n.min(Semaphore::MAX_PERMITS as u64);
+        self.slots.lock().expect("slots lock").entry((key.to_owned(), n)).or_insert_with(|| Arc::new(Semaphore::new(n as usize))).clone()
+    }
+
+    /// Compiles a validated spec; `rewrite` places this node's frontends.
+    pub fn compile(&self, spec: &Spec, rewrite: &BindRewrite) -> Runtime {
+        let backends: HashMap<String, Arc<BackendRt>> = spec.backends.iter().map(|b| (b.name.clone(), Arc::new(self.backend(b)))).collect();
+        let mut by_bind = HashMap::new();
+        for f in &spec.frontends {
+            {
+                let fe = Arc::new(FrontendRt {
+                    spec: f.clone(),
+                    counters: self.stats.frontend(&f.name),
+                    slots: self.slots(&format!("frontend {}", f.name), f.maxconn.map_or(u64::from(u32::MAX), |m| m.0)),
+                });
+                for bind in &f.bind {
+                    let mut addr = bind.0;
+                    if let Some(to) = rewrite.get(&addr.ip()) {
+                        addr.set_ip(*to);
+                    }
+                    by_bind.insert(addr, fe.clone());
+                }
+            }
+        }
+        Runtime {
+            timeouts: spec.defaults.timeouts.clone(),
+            retries: spec.defaults.retries,
+            redispatch: spec.defaults.redispatch,
+            node_slots: self.slots("node", spec.defaults.maxconn.0),
+            by_bind,
+            backends,
+        }
+    }
+
+    fn backend(&self, b: &Backend) -> BackendRt {
+        let servers = b
+            .servers
+            .iter()
+            .map(|s| {
+                let key = (b.name.clone(), s.name.clone(), s.address.0);
+                let state = self
+                    .servers
+                    .lock()
+                    .expect("server table lock")
+                    .entry(key)
+                    .or_insert_with(|| {
+                        Arc::new(ServerState {
+                            name: s.name.clone(),
+                            addr: s.address.0,
+                            active: AtomicU64::new(0),
+                            up: AtomicBool::new(true),
+                            counters: self.stats.server(&b.name, &s.name),
+                            pool: Pool::default(),
+                        })
+                    })
+                    .clone();
+                ServerRt { spec: s.clone(), state }
+            })
+            .collect();
+        BackendRt {
+            spec: b.clone(),
+            servers,
+            balancer: Balancer::new(b.balance),
+            counters: self.stats.backend(&b.name),
+            shared: self.backends.lock().expect("backend table lock").entry(b.name.clone()).or_default().clone(),
+        }
+    }
+}
+
+/// A server slot held for one session or request; freed on drop.
+pub struct Lease {
+    pub state: Arc<ServerState>,
+    shared: Arc<BackendShared>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Relaxed);
+        self.shared.released.notify_waiters();
+    }
+}
+
+/// Why a backend could not give a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoServer {
+    /// No server is up and taking sessions.
+    NoneUp,
+    /// Every server was at maxconn for the whole `timeouts.queue`.
+    QueueTimeout,
+}
+
+enum Pick {
+    Leased(usize, Lease),
+    Full,
+    NoneUp,
+}
+
+impl BackendRt {
+    /// A slot on a server for a client at `src`: the server `prefer` names
+    /// (a persistence cookie, the stick table) if it can take it, else the
+    /// balancer's choice among the servers that take new sessions. Waits in
+    /// the queue up to `queue` while every server is at maxconn.
+    pub async fn lease(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize], queue: Duration) -> Result<(usize, Lease), NoServer> {
+        let stuck = self.stuck(src);
+        let prefer = prefer.or(stuck.as_deref());
+        let deadline = tokio::time::Instant::now() + queue;
+        let mut queued = false;
+        let result = loop {
+            let released = self.shared.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.try_pick(src, prefer, exclude) {
+                Pick::Leased(index, lease) => break Ok((index, lease)),
+                Pick::NoneUp => break Err(NoServer::NoneUp),
+                Pick::Full => {
+                    if !queued {
+                        queued = true;
+                        Counters::add(&self.counters.queue_current, 1);
+                        Counters::add(&self.counters.queue_total, 1);
+                    }
+                    if tokio::time::timeout_at(deadline, released).await.is_err() {
+                        break Err(NoServer::QueueTimeout);
+                    }
+                }
+            }
+        };
+        if queued {
+            self.counters.queue_current.fetch_sub(1, Relaxed);
+        }
+        let (index, lease) = result?;
+        self.stick(src, index);
+        Ok((index, lease))
+    }
+
+    fn try_pick(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize]) -> Pick {
+        let up: Vec<usize> = (0..self.servers.len()).filter(|i| !exclude.contains(i) && self.servers[*i].state.up.load(Relaxed)).collect();
+        // Backup servers serve only while no other server is up.
+        let primaries = up.iter().any(|i| !self.servers[*i].spec.backup);
+        let pool: Vec<usize> = up.into_iter().filter(|i| self.servers[*i].spec.backup != primaries).collect();
+        // A persistent client may stay on a drained (weight 0) server.
+        if let Some(name) = prefer {
+            if let Some(i) = pool.iter().copied().find(|i| self.servers[*i].spec.name == name) {
+                if let Some(lease) = self.reserve(i) {
+                    return Pick::Leased(i, lease);
+                }
+            }
+        }
+        let open: Vec<usize> = pool.iter().copied().filter(|i| self.servers[*i].spec.weight > 0).collect();
+        if open.is_empty() {
+            return Pick::NoneUp;
+        }
+        let candidates: Vec<Candidate> = open
+            .iter()
+            .filter(|i| self.has_slot(**i))
+            .map(|i| {
+                let s = &self.servers[*i];
+                Candidate { index: *i, name: &s.spec.name, weight: s.spec.weight, active: s.state.active.load(Relaxed) }
+            })
+            .collect();
+        let Some(i) = self.balancer.pick(&candidates, src) else {
+            return Pick::Full;
+        };
+        match self.reserve(i) {
+            Some(lease) => Pick::Leased(i, lease),
+            // Taken between the look and the reservation: look again after the next release.
+            None => Pick::Full,
+        }
+    }
+
+    fn has_slot(&self, i: usize) -> bool {
+        let s = &self.servers[i];
+        s.spec.maxconn.is_none_or(|m| s.state.active.load(Relaxed) < m.0)
+    }
+
+    fn reserve(&self, i: usize) -> Option<Lease> {
+        let s = &self.servers[i];
+        let max = s.spec.maxconn.map_or(u64::MAX, |m| m.0);
+        s.state.active.fetch_update(Relaxed, Relaxed, |a| (a < max).then_some(a + 1)).ok()?;
+        Some(Lease { state: s.state.clone(), shared: self.shared.clone() })
+    }
+
+    fn stuck(&self, src: IpAddr) -> Option<String> {
+        self.spec.stick.as_ref()?;
+        let table = self.shared.stick.lock().expect("stick table lock");
+        table.get(&src).filter(|(_, until)| *until > Instant::now()).map(|(name, _)| name.clone())
+    }
+
+    fn stick(&self, src: IpAddr, index: usize) {
+        let Some(stick) = &self.spec.stick else { return };
+        let mut table = self.shared.stick.lock().expect("stick table lock");
+        let now = Instant::now();
+        if table.len() > 100_000 {
+            table.retain(|_, (_, until)| *until > now);
+        }
+        table.insert(src, (self.servers[index].spec.name.clone(), now + stick.expire.get()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    const NO_QUEUE: Duration = Duration::from_millis(50);
+
+    fn backend(servers: &str) -> Arc<BackendRt> {
+        let spec = Spec::from_yaml(&format!("backends:\n  - name: b\n    servers:\n{servers}")).unwrap();
+        let rt = Shared::default().compile(&spec, &BindRewrite::new());
+        rt.backends["b"].clone()
+    }
+
+    async fn pick(be: &BackendRt, prefer: Option<&str>) -> Result<String, NoServer> {
+        be.lease(CLIENT, prefer, &[], NO_QUEUE).await.map(|(i, _)| be.servers[i].spec.name.clone())
+    }
+
+    fn set_up(be: &BackendRt, name: &str, up: bool) {
+        be.servers.iter().find(|s| s.spec.name == name).unwrap().state.up.store(up, Relaxed);
+    }
+
+    #[tokio::test]
+    async fn backup_serves_only_while_no_other_server_is_up() {
+        let be = backend("      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n      - { name: spare, address: \"127.0.0.1:3\", backup: true }\n");
+        for _ in 0..20 {
+            assert_ne!(pick(&be, None).await.unwrap(), "spare");
+        }
+        set_up(&be, "a", false);
+        for _ in 0..20 {
+            assert_eq!(pick(&be, None).await.unwrap(), "b", "one primary still up");
+        }
+        set_up(&be, "b", false);
+        assert_eq!(pick(&be, None).await.unwrap(), "spare");
+        set_up(&be, "spare", false);
+        assert_eq!(pick(&be, None).await, Err(NoServer::NoneUp));
+        set_up(&be, "a", true);
+        assert_eq!(pick(&be, None).await.unwrap(), "a", "back to the primary once it is up");
+    }
+
+    #[tokio::test]
+    async fn a_drained_server_takes_only_persistent_clients() {
+        let be = backend("      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: drained, address: \"127.0.0.1:2\", weight: 0 }\n");
+        for _ in 0..20 {
+            assert_eq!(pick(&be, None).await.unwrap(), "a");
+        }
+        assert_eq!(pick(&be, Some("drained")).await.unwrap(), "drained", "a cookie or stick entry still reaches it");
+        set_up(&be, "drained", false);
+        assert_eq!(pick(&be, Some("drained")).await.unwrap(), "a", "not once it is down");
+    }
+
+    #[tokio::test]
+    async fn only_drained_servers_means_no_server() {
+        let be = backend("      - { name: a, address: \"127.0.0.1:1\", weight: 0 }\n");
+        assert_eq!(pick(&be, None).await, Err(NoServer::NoneUp));
+    }
+
+    #[tokio::test]
+    async fn at_maxconn_a_request_waits_for_a_free_slot_or_times_out() {
+        let be = backend("      - { name: a, address: \"127.0.0.1:1\", maxconn: 1 }\n");
+        let (_, held) = be.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
+        assert_eq!(be.lease(CLIENT, None, &[], NO_QUEUE).await.err(), Some(NoServer::QueueTimeout));
+        let waiter = {
+            let be = be.clone();
+            tokio::spawn(async move { be.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|(i, _)| i) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(be.counters.queue_current.load(Relaxed), 1, "the waiter is queued");
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Ok(0), "a released slot goes to the queue");
+        assert_eq!(be.counters.queue_current.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn source_stickiness_keeps_a_client_on_its_server_until_expiry() {
+        let spec = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n";
+        let yaml =
+            format!("backends:\n  - name: b\n    balance: roundrobin\n    stick: {{ on: src, expire: 200ms }}\n    servers:\n{spec}");
+        let rt = Shared::default().compile(&Spec::from_yaml(&yaml).unwrap(), &BindRewrite::new());
+        let be = rt.backends["b"].clone();
+        let first = pick(&be, None).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(pick(&be, None).await.unwrap(), first, "round robin would alternate; the stick table holds");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Expired: balanced afresh. The stuck picks never reached round robin,
+        // whose next turn is the other server; the client then sticks to it.
+        let second = pick(&be, None).await.unwrap();
+        assert_ne!(second, first);
+        assert_eq!(pick(&be, None).await.unwrap(), second);
+    }
+}

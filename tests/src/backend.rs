@@ -1,0 +1,168 @@
+//! Servers for the balancer to send traffic to, run by the test itself on
+//! loopback: an HTTP server that answers with its name and what it received,
+//! and a TCP server that announces its name and echoes. Each runs on its own
+//! thread and stops when dropped.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub struct TestServer {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Requests (HTTP) or connections (TCP) received.
+    pub hits: Arc<AtomicU64>,
+    /// Connections open now.
+    pub open: Arc<AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Relaxed)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+struct OpenGuard(Arc<AtomicU64>);
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+fn spawn_server<F, Fut>(name: &str, addr: &str, serve: F) -> TestServer
+where
+    F: Fn(tokio::net::TcpStream, String, Arc<AtomicU64>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let hits = Arc::new(AtomicU64::new(0));
+    let open = Arc::new(AtomicU64::new(0));
+    let (name_owned, addr_owned, hits2, open2) = (name.to_owned(), addr.to_owned(), hits.clone(), open.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::bind(&addr_owned).await.expect("the test server binds");
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let accept = async {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    open2.fetch_add(1, Relaxed);
+                    let guard = OpenGuard(open2.clone());
+                    let fut = serve(stream, name_owned.clone(), hits2.clone());
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop(guard);
+                    });
+                }
+            };
+            tokio::select! { _ = accept => {}, _ = stop_rx => {} }
+        });
+    });
+    let addr = addr_rx.recv_timeout(Duration::from_secs(5)).expect("the test server starts");
+    TestServer { name: name.to_owned(), addr, hits, open, stop: Some(stop_tx) }
+}
+
+/// An HTTP/1.1 server on `addr` (use port 0 for any). It answers every
+/// request with a JSON body `{"server", "method", "path", "headers"}`, and:
+/// `/stall` never answers; `/slow?ms=N` answers after N ms; an Upgrade
+/// request gets 101 and then an echo of the bytes that follow.
+pub fn http_server(name: &str, addr: &str) -> TestServer {
+    spawn_server(name, addr, |stream, name, hits| async move {
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            let (name, hits) = (name.clone(), hits.clone());
+            async move {
+                hits.fetch_add(1, Relaxed);
+                let path = req.uri().path().to_owned();
+                if path == "/stall" {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                if path == "/slow" {
+                    let ms: u64 = req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()).unwrap_or(100);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                if req.headers().contains_key(hyper::header::UPGRADE) {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = upgrade.await {
+                            let mut io = TokioIo::new(up);
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    return Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(101)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "echo")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
+                    );
+                }
+                let headers: serde_json::Map<String, serde_json::Value> =
+                    req.headers().iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(v.to_str().unwrap_or("")))).collect();
+                let body = serde_json::json!({ "server": name, "method": req.method().as_str(), "path": path, "headers": headers });
+                Ok(Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(body.to_string()))).unwrap())
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+    })
+}
+
+/// A TCP server that first sends back what arrived before its greeting
+/// would be due (a PROXY protocol header, if any, up to 200 ms), then
+/// `hello from NAME\n`, then echoes until the client half-closes, and then
+/// writes `bye\n` and closes.
+pub fn tcp_server(name: &str, addr: &str) -> TestServer {
+    spawn_server(name, addr, |mut stream, name, hits| async move {
+        hits.fetch_add(1, Relaxed);
+        let mut first = vec![0u8; 512];
+        let n = match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut first)).await {
+            Ok(Ok(n)) => n,
+            _ => 0,
+        };
+        let mut greeting = format!("hello from {name}\n").into_bytes();
+        if n > 0 {
+            greeting = [b"preface ".as_slice(), &first[..n], b"\n", &greeting].concat();
+        }
+        if stream.write_all(&greeting).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = stream.write_all(b"bye\n").await;
+        let _ = stream.shutdown().await;
+    })
+}

@@ -1,0 +1,444 @@
+//! The data plane end to end: real lbnode processes serving the committed
+//! spec to real sockets, in front of test servers on loopback.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raftlb_tests::backend::{http_server, tcp_server, TestServer};
+use raftlb_tests::client::{self, connect, get, get_from, KeepAlive};
+use raftlb_tests::{apply_spec, free_port, wait_for, Cluster};
+
+fn front() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+fn servers_yaml(servers: &[(&TestServer, &str)]) -> String {
+    servers.iter().map(|(s, extra)| format!("      - {{ name: {}, address: \"{}\"{extra} }}\n", s.name, s.addr)).collect()
+}
+
+/// Waits until the frontend answers through node 1.
+fn wait_serving(c: &Cluster, bind: SocketAddr) {
+    let at = c.nodes[0].frontend(bind);
+    wait_for(Duration::from_secs(5), "the frontend to serve", || get(at, "/", &[]).ok().filter(|r| r.status == 200).map(|_| ()));
+}
+
+fn http_spec(bind: SocketAddr, backend_extra: &str, servers: &str) -> String {
+    format!(
+        "defaults:\n  timeouts: {{ connect: 500ms, server: 1s, http_request: 1s, queue: 1s }}\n  retries: 2\nfrontends:\n  - name: web\n    bind: [\"{bind}\"]\n    mode: http\n    default_backend: app\nbackends:\n  - name: app\n{backend_extra}    servers:\n{servers}"
+    )
+}
+
+#[test]
+fn weights_are_honoured_and_a_drained_server_gets_no_new_sessions() {
+    let c = Cluster::formed(1);
+    let (a, b, z) = (http_server("a", "127.0.0.1:0"), http_server("b", "127.0.0.1:0"), http_server("z", "127.0.0.1:0"));
+    let bind = front();
+    apply_spec(
+        &c,
+        1,
+        "w.yaml",
+        &http_spec(bind, "    balance: roundrobin\n", &servers_yaml(&[(&a, ", weight: 2"), (&b, ""), (&z, ", weight: 0")])),
+    );
+    wait_serving(&c, bind);
+    let before = (a.hits(), b.hits());
+    for _ in 0..300 {
+        assert_eq!(get(bind, "/", &[]).unwrap().status, 200);
+    }
+    assert_eq!((a.hits() - before.0, b.hits() - before.1, z.hits()), (200, 100, 0));
+}
+
+#[test]
+fn leastconn_sends_new_sessions_to_the_server_with_fewest_held_connections() {
+    let c = Cluster::formed(1);
+    let (a, b) = (tcp_server("a", "127.0.0.1:0"), tcp_server("b", "127.0.0.1:0"));
+    let bind = front();
+    let spec = format!(
+        "frontends:\n  - {{ name: db, bind: [\"{bind}\"], mode: tcp, default_backend: db }}\nbackends:\n  - name: db\n    balance: leastconn\n    servers:\n{}",
+        servers_yaml(&[(&a, ""), (&b, "")])
+    );
+    apply_spec(&c, 1, "lc.yaml", &spec);
+    let open = |n: usize| -> Vec<(String, BufReader<std::net::TcpStream>)> {
+        (0..n)
+            .map(|_| {
+                let mut r = BufReader::new(wait_for(Duration::from_secs(5), "a tcp connection", || connect(bind, None).ok()));
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                (line.trim().trim_start_matches("hello from ").to_owned(), r)
+            })
+            .collect()
+    };
+    let mut held = open(4);
+    let count = |held: &[(String, _)], name: &str| held.iter().filter(|(s, _)| s == name).count();
+    assert_eq!((count(&held, "a"), count(&held, "b")), (2, 2), "held connections spread evenly");
+    held.retain(|(s, _)| s != "a");
+    wait_for(Duration::from_secs(2), "a's connections to close", || (a.open.load(Relaxed) == 0).then_some(()));
+    let more = open(2);
+    assert!(
+        more.iter().all(|(s, _)| s == "a"),
+        "new sessions go to the idle server: {:?}",
+        more.iter().map(|(s, _)| s).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn source_hashing_keeps_each_client_on_its_server_and_moves_only_a_removed_servers_share() {
+    let c = Cluster::formed(1);
+    let servers: Vec<TestServer> = (0..4).map(|i| http_server(&format!("s{i}"), "127.0.0.1:0")).collect();
+    let bind = front();
+    let all: Vec<(&TestServer, &str)> = servers.iter().map(|s| (s, "")).collect();
+    apply_spec(&c, 1, "src4.yaml", &http_spec(bind, "    balance: source\n", &servers_yaml(&all)));
+    wait_serving(&c, bind);
+    let clients: Vec<IpAddr> = (10..70).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
+    let pick = |ip: IpAddr| get_from(Some(ip), bind, "/", &[]).unwrap().server();
+    let first: HashMap<IpAddr, String> = clients.iter().map(|ip| (*ip, pick(*ip))).collect();
+    for ip in &clients {
+        assert_eq!(pick(*ip), first[ip], "client {ip} stays on its server");
+    }
+    assert!(first.values().collect::<std::collections::HashSet<_>>().len() >= 3, "clients spread: {first:?}");
+
+    apply_spec(&c, 1, "src3.yaml", &http_spec(bind, "    balance: source\n", &servers_yaml(&all[..3])));
+    wait_for(Duration::from_secs(2), "the new spec to serve", || clients.iter().all(|ip| pick(*ip) != "s3").then_some(()));
+    for ip in &clients {
+        if first[ip] != "s3" {
+            assert_eq!(pick(*ip), first[ip], "client {ip} was not on the removed server and must not move");
+        }
+    }
+}
+
+#[test]
+fn cookie_insert_sticks_a_client_to_its_server_and_survives_a_config_change() {
+    let c = Cluster::formed(1);
+    let (a, b) = (http_server("a", "127.0.0.1:0"), http_server("b", "127.0.0.1:0"));
+    let bind = front();
+    let cookie = "    cookie: { name: SRV, mode: insert, indirect: true, nocache: true }\n";
+    apply_spec(&c, 1, "c1.yaml", &http_spec(bind, cookie, &servers_yaml(&[(&a, ""), (&b, "")])));
+    wait_serving(&c, bind);
+    let first = get(bind, "/", &[]).unwrap();
+    let set = first.header("set-cookie").expect("a persistence cookie is inserted").to_owned();
+    assert_eq!(first.header("cache-control"), Some("private"), "nocache");
+    let value = set.split(';').next().unwrap().to_owned();
+    let server = first.server();
+    assert_eq!(value, format!("SRV={server}"));
+    for _ in 0..10 {
+        let r = get(bind, "/", &[("Cookie", &format!("{value}; other=1"))]).unwrap();
+        assert_eq!(r.server(), server, "the cookie sticks");
+        assert!(r.header("set-cookie").is_none(), "no new cookie for a stuck client");
+        assert_eq!(r.json()["headers"]["cookie"], "other=1", "indirect: the server does not see the cookie");
+    }
+    let third = http_server("c", "127.0.0.1:0");
+    apply_spec(&c, 1, "c2.yaml", &http_spec(bind, cookie, &servers_yaml(&[(&third, ""), (&a, ""), (&b, "")])));
+    wait_for(Duration::from_secs(2), "the new server to take traffic", || (get(bind, "/", &[]).unwrap().server() == "c").then_some(()));
+    for _ in 0..10 {
+        assert_eq!(get(bind, "/", &[("Cookie", &value)]).unwrap().server(), server, "the cookie still sticks after the change");
+    }
+}
+
+#[test]
+fn a_refused_connect_is_retried_and_redispatched_to_another_server() {
+    let c = Cluster::formed(1);
+    let good = http_server("good", "127.0.0.1:0");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let bind = front();
+    let servers = format!("      - {{ name: dead, address: \"{dead}\" }}\n{}", servers_yaml(&[(&good, "")]));
+    apply_spec(&c, 1, "r.yaml", &http_spec(bind, "", &servers));
+    wait_serving(&c, bind);
+    for _ in 0..20 {
+        let r = get(bind, "/", &[]).unwrap();
+        assert_eq!((r.status, r.server()), (200, "good".to_owned()));
+    }
+    let stats = c.nodes[0].stats();
+    let app = &stats["backends"]["app"];
+    assert!(app["retries"].as_u64().unwrap() >= 10, "{app}");
+    assert!(app["redispatches"].as_u64().unwrap() >= 10, "{app}");
+    assert!(app["servers"]["dead"]["errors"].as_u64().unwrap() >= 10, "{app}");
+}
+
+#[test]
+fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_client_gets_408() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "t.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
+    wait_serving(&c, bind);
+
+    let started = Instant::now();
+    let r = get(bind, "/stall", &[]).unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "timeouts.server is 1s, took {took:?}");
+
+    // Slowloris: half a request head, then silence past timeouts.http_request.
+    let mut s = connect(bind, None).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb.test\r\nX-Slow: ").unwrap();
+    let started = Instant::now();
+    let r = client::read_reply(&mut BufReader::new(s)).unwrap();
+    assert_eq!(r.status, 408);
+    assert!(started.elapsed() < Duration::from_secs(3), "http_request is 1s, took {:?}", started.elapsed());
+}
+
+#[test]
+fn an_oversized_head_gets_431_and_garbage_gets_400() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "g.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
+    wait_serving(&c, bind);
+    let hits = a.hits();
+    let big = "x".repeat(100 * 1024);
+    let raw = |bytes: &[u8]| {
+        let mut s = connect(bind, None).unwrap();
+        s.write_all(bytes).unwrap();
+        client::read_reply(&mut BufReader::new(s)).unwrap().status
+    };
+    assert_eq!(raw(format!("GET / HTTP/1.1\r\nHost: lb.test\r\nX-Big: {big}\r\n\r\n").as_bytes()), 431);
+    assert_eq!(raw(b"\x16\x03\x01 this is not http\r\n\r\n"), 400);
+    assert_eq!(raw(b"GET / HTTP/1.1\r\nHost lb.test\r\n\r\n"), 400);
+    assert_eq!(a.hits(), hits, "nothing malformed reached the server");
+}
+
+#[test]
+fn spec_changes_under_steady_load_drop_no_request() {
+    let c = Cluster::formed(1);
+    let (a, b, d) = (http_server("a", "127.0.0.1:0"), http_server("b", "127.0.0.1:0"), http_server("d", "127.0.0.1:0"));
+    let bind = front();
+    let spec = |servers: &str, rule: &str| {
+        format!(
+            "frontends:\n  - name: web\n    bind: [\"{bind}\"]\n    mode: http\n    rules:\n      - when: {{ path_prefix: {rule} }}\n        use_backend: other\n    default_backend: app\nbackends:\n  - name: app\n    servers:\n{servers}  - name: other\n    servers:\n{}",
+            servers_yaml(&[(&d, "")])
+        )
+    };
+    apply_spec(&c, 1, "l1.yaml", &spec(&servers_yaml(&[(&a, "")]), "/other"));
+    wait_serving(&c, bind);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let mut keep = KeepAlive::open(bind).unwrap();
+                let mut failures = Vec::new();
+                while !stop.load(Relaxed) {
+                    // Half the workers keep their connection alive, half open one per request.
+                    let r = if w % 2 == 0 { keep.get("/", &[]) } else { get(bind, "/", &[]) };
+                    match r {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Relaxed),
+                        other => {
+                            failures.push(format!("{other:?}"));
+                            failed.fetch_add(1, Relaxed)
+                        }
+                    };
+                }
+                failures
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    apply_spec(&c, 1, "l2.yaml", &spec(&servers_yaml(&[(&a, ""), (&b, "")]), "/other")); // add a server
+    std::thread::sleep(Duration::from_millis(300));
+    apply_spec(&c, 1, "l3.yaml", &spec(&servers_yaml(&[(&b, "")]), "/other")); // remove a server
+    std::thread::sleep(Duration::from_millis(300));
+    apply_spec(&c, 1, "l4.yaml", &spec(&servers_yaml(&[(&b, "")]), "/elsewhere")); // change a rule
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Relaxed);
+    let failures: Vec<String> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.load(Relaxed),
+        ok.load(Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Relaxed) > 200, "the load was steady: {} requests", ok.load(Relaxed));
+    assert!(b.hits() > 0, "the added server took traffic");
+}
+
+#[test]
+fn rules_deny_and_route_and_headers_are_set_deleted_and_forwarded_for() {
+    let c = Cluster::formed(1);
+    let (app, api) = (http_server("app", "127.0.0.1:0"), http_server("api", "127.0.0.1:0"));
+    let bind = front();
+    let spec = format!(
+        "frontends:
+  - name: web
+    bind: [\"{bind}\"]
+    mode: http
+    forwardfor: true
+    rules:
+      - when: {{ path_prefix: /admin, src_not: [127.0.0.2/32] }}
+        deny: 403
+      - when: {{ host: api.example.com }}
+        use_backend: api
+      - when: {{ header: {{ name: X-Canary, value: \"1\" }} }}
+        use_backend: api
+    request_headers:
+      set: {{ X-Served-By: raftlb }}
+      delete: [X-Internal-Debug]
+    default_backend: app
+backends:
+  - name: app
+    servers:
+{}  - name: api
+    servers:
+{}",
+        servers_yaml(&[(&app, "")]),
+        servers_yaml(&[(&api, "")])
+    );
+    apply_spec(&c, 1, "rules.yaml", &spec);
+    wait_serving(&c, bind);
+    let hits = app.hits();
+    assert_eq!(get(bind, "/admin/users", &[]).unwrap().status, 403);
+    assert_eq!(app.hits(), hits, "a denied request reaches no server");
+    let local2 = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    assert_eq!(get_from(local2, bind, "/admin/users", &[]).unwrap().server(), "app", "src_not lets the admin network through");
+
+    let raw = |head: &str| {
+        let mut s = connect(bind, None).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        client::read_reply(&mut BufReader::new(s)).unwrap()
+    };
+    assert_eq!(raw("GET / HTTP/1.1\r\nHost: API.example.com:8080\r\nConnection: close\r\n\r\n").server(), "api");
+    assert_eq!(get(bind, "/", &[("X-Canary", "1")]).unwrap().server(), "api");
+    assert_eq!(get(bind, "/", &[("X-Canary", "2")]).unwrap().server(), "app");
+
+    let seen =
+        get(bind, "/", &[("X-Internal-Debug", "secret"), ("X-Served-By", "spoofed"), ("X-Forwarded-For", "203.0.113.9")]).unwrap().json();
+    let h = &seen["headers"];
+    assert_eq!(h["x-served-by"], "raftlb");
+    assert!(h.get("x-internal-debug").is_none(), "{h}");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1", "the client address is appended");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(c.nodes[0].stats()["frontends"]["web"]["denied"], 1);
+}
+
+#[test]
+fn the_queue_holds_requests_at_maxconn_and_answers_503_after_its_timeout() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    let spec = |queue: &str| {
+        format!(
+            "defaults:\n  timeouts: {{ queue: {queue}, server: 5s }}\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    servers:\n{}",
+            servers_yaml(&[(&a, ", maxconn: 1")])
+        )
+    };
+    let burst = || -> Vec<u16> {
+        let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(move || get(bind, "/slow?ms=300", &[]).unwrap().status)).collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    };
+    apply_spec(&c, 1, "q1.yaml", &spec("3s"));
+    wait_serving(&c, bind);
+    let started = Instant::now();
+    assert_eq!(burst(), [200, 200, 200, 200], "the queue holds what maxconn refuses");
+    assert!(started.elapsed() >= Duration::from_millis(1200), "one at a time: four requests of 300 ms, took {:?}", started.elapsed());
+
+    apply_spec(&c, 1, "q2.yaml", &spec("100ms"));
+    std::thread::sleep(Duration::from_millis(200));
+    let statuses = burst();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 3, "{statuses:?}");
+    assert!(c.nodes[0].stats()["backends"]["app"]["queue_total"].as_u64().unwrap() >= 6);
+}
+
+#[test]
+fn a_websocket_upgrade_is_tunnelled_both_ways() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "ws.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
+    wait_serving(&c, bind);
+    let mut s = connect(bind, None).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: lb.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let reply = client::read_reply(&mut r).unwrap();
+    assert_eq!(reply.status, 101);
+    assert_eq!(reply.header("upgrade"), Some("echo"));
+    for msg in ["first frame", "second frame"] {
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        r.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+}
+
+#[test]
+fn tcp_mode_half_closes_and_announces_the_client_with_proxy_protocol() {
+    let c = Cluster::formed(1);
+    let (plain, v1, v2) = (tcp_server("plain", "127.0.0.1:0"), tcp_server("v1", "127.0.0.1:0"), tcp_server("v2", "127.0.0.1:0"));
+    let (b0, b1, b2) = (front(), front(), front());
+    let spec = format!(
+        "frontends:
+  - {{ name: plain, bind: [\"{b0}\"], mode: tcp, default_backend: plain }}
+  - {{ name: v1, bind: [\"{b1}\"], mode: tcp, default_backend: v1 }}
+  - {{ name: v2, bind: [\"{b2}\"], mode: tcp, default_backend: v2 }}
+backends:
+  - name: plain
+    servers:
+{}  - name: v1
+    proxy_protocol: v1
+    servers:
+{}  - name: v2
+    proxy_protocol: v2
+    servers:
+{}",
+        servers_yaml(&[(&plain, "")]),
+        servers_yaml(&[(&v1, "")]),
+        servers_yaml(&[(&v2, "")])
+    );
+    apply_spec(&c, 1, "tcp.yaml", &spec);
+
+    let mut s = wait_for(Duration::from_secs(5), "the tcp frontend", || connect(b0, None).ok());
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "hello from plain\n");
+    s.write_all(b"ping\n").unwrap();
+    // Half-close: the server sees the end of our data and still answers.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "ping\nbye\n");
+
+    // The server sends back "preface " and what preceded its greeting: v1 is
+    // one text line, v2 a binary block of 16 + 12 bytes for TCP over IPv4.
+    let connect_to = |bind: SocketAddr| {
+        let s = wait_for(Duration::from_secs(5), "the tcp frontend", || connect(bind, None).ok());
+        (s.local_addr().unwrap(), BufReader::new(s))
+    };
+    let (local, mut r) = connect_to(b1);
+    let mut got = Vec::new();
+    r.read_until(b'\n', &mut got).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), format!("preface PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n", local.port(), b1.port()));
+    let (local, mut r) = connect_to(b2);
+    let mut got = vec![0u8; 8 + 28];
+    r.read_exact(&mut got).unwrap();
+    assert!(got.starts_with(b"preface \r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c"), "{got:?}");
+    assert_eq!(&got[24..28], &[127, 0, 0, 1]);
+    assert_eq!(&got[32..34], &local.port().to_be_bytes());
+    assert_eq!(&got[34..36], &b2.port().to_be_bytes());
+}
+
+#[test]
+fn a_new_spec_is_live_on_every_node_within_100ms_of_commit() {
+    let c = Cluster::formed(3);
+    let (old, new) = (http_server("old", "127.0.0.1:0"), http_server("new", "127.0.0.1:0"));
+    let bind = front();
+    apply_spec(&c, 1, "v1.yaml", &http_spec(bind, "", &servers_yaml(&[(&old, "")])));
+    for node in &c.nodes {
+        let at = node.frontend(bind);
+        wait_for(Duration::from_secs(5), "every node to serve", || get(at, "/", &[]).ok().filter(|r| r.status == 200).map(|_| ()));
+    }
+    let mut conns: Vec<KeepAlive> = c.nodes.iter().map(|n| KeepAlive::open(n.frontend(bind)).unwrap()).collect();
+    apply_spec(&c, 2, "v2.yaml", &http_spec(bind, "", &servers_yaml(&[(&new, "")])));
+    let committed = Instant::now();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        wait_for(Duration::from_secs(1), "the new spec to serve", || (conn.get("/", &[]).unwrap().server() == "new").then_some(()));
+        let took = committed.elapsed();
+        eprintln!("node {} serves the new spec {took:?} after the commit", i + 1);
+        assert!(took < Duration::from_millis(100), "node {} took {took:?}", i + 1);
+    }
+}
