@@ -1,6 +1,8 @@
 //! `lbnode demo`: starts three nodes of this same binary on loopback, forms a
-//! cluster of them, applies a sample spec, prints what to try with lbctl, and
-//! stops them all on Ctrl-C or SIGTERM. Needs no root and no file.
+//! cluster of them, applies a sample spec whose two backends the demo serves
+//! itself, prints what to try with curl and lbctl, and stops them all on
+//! Ctrl-C or SIGTERM. Needs no root and no file. Node N serves the frontend
+//! on 127.0.0.N (its bind rewrite), since three nodes cannot share one address.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -21,7 +23,9 @@ const NODES: u16 = 3;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// gRPC port of node 1; nodes 2 and 3 take the next two. Monitor ports are these plus 100.
+    /// gRPC port of node 1; nodes 2 and 3 take the next two. Monitor ports are
+    /// these plus 100, the frontend port is this plus 1079 (8080), the two
+    /// backends this plus 2000 and 2001 (9001, 9002).
     #[arg(long, default_value_t = 7001)]
     base_port: u16,
     /// Keep the nodes' data and logs here instead of a temporary directory.
@@ -38,9 +42,19 @@ struct DemoNode {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if args.base_port.checked_add(NODES - 1 + 100).is_none() {
-        bail!("--base-port {} is too high: the demo uses it and the {} ports above it", args.base_port, NODES - 1 + 100);
+    let base = args.base_port;
+    if base.checked_add(2001).is_none() {
+        bail!("--base-port {base} is too high: the demo uses it and the 2001 ports above it");
     }
+    let (front, web1, web2) = (base + 1079, base + 2000, base + 2001);
+    for (name, port) in [("web1", web1), ("web2", web2)] {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("port {port} is taken: pass --base-port to use other ports"))?;
+        tokio::spawn(serve_backend(listener, name));
+    }
+    let spec = DEMO_SPEC.replace("{front}", &front.to_string()).replace("{web1}", &web1.to_string()).replace("{web2}", &web2.to_string());
     let temp;
     let dir = match &args.dir {
         Some(d) => {
@@ -58,18 +72,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for i in 0..NODES {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port + i));
         let monitor = SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port + i + 100));
-        for a in [addr, monitor] {
+        let frontend = SocketAddr::from(([127, 0, 0, i as u8 + 1], front));
+        for a in [addr, monitor, frontend] {
             TcpListener::bind(a).with_context(|| format!("port {} is taken: pass --base-port to use other ports", a.port()))?;
         }
         nodes.push(spawn(&exe, &dir, u64::from(i) + 1, addr, monitor)?);
     }
 
-    let result = form_cluster(&mut nodes).await;
+    let result = form_cluster(&mut nodes, &spec).await;
     if let Err(e) = result {
         stop(&mut nodes).await;
         return Err(e);
     }
-    print_guide(&nodes, &exe, &dir, args.dir.is_none());
+    print_guide(&nodes, &exe, &dir, args.dir.is_none(), front);
 
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     tokio::select! {
@@ -92,6 +107,7 @@ fn spawn(exe: &Path, dir: &Path, id: u64, addr: SocketAddr, monitor: SocketAddr)
     }
     let child = cmd
         .args(["--id", &id.to_string(), "--listen", &addr.to_string(), "--monitor", &monitor.to_string()])
+        .args(["--bind-rewrite", &format!("127.0.0.1=127.0.0.{id}")])
         .arg("--data-dir")
         .arg(dir.join(format!("node{id}")))
         .stdout(out.try_clone()?)
@@ -103,7 +119,7 @@ fn spawn(exe: &Path, dir: &Path, id: u64, addr: SocketAddr, monitor: SocketAddr)
 }
 
 /// Waits for every node to answer, then: init on node 1, add 2 and 3, apply the spec.
-async fn form_cluster(nodes: &mut [DemoNode]) -> anyhow::Result<()> {
+async fn form_cluster(nodes: &mut [DemoNode], spec: &str) -> anyhow::Result<()> {
     for node in nodes.iter_mut() {
         wait_until_up(node).await?;
     }
@@ -113,7 +129,7 @@ async fn form_cluster(nodes: &mut [DemoNode]) -> anyhow::Result<()> {
         let req = NodeAddRequest { id: node.id, addr: node.addr.to_string() };
         admin.node_add(req).await.map_err(|s| anyhow::anyhow!("node add {}: {}", node.id, s.message()))?;
     }
-    let req = ConfigApplyRequest { spec_yaml: DEMO_SPEC.to_owned(), dry_run: false };
+    let req = ConfigApplyRequest { spec_yaml: spec.to_owned(), dry_run: false };
     admin.config_apply(req).await.map_err(|s| anyhow::anyhow!("config apply: {}", s.message()))?;
     Ok(())
 }
@@ -151,7 +167,7 @@ async fn stop(nodes: &mut [DemoNode]) {
     }
 }
 
-fn print_guide(nodes: &[DemoNode], exe: &Path, dir: &Path, temporary: bool) {
+fn print_guide(nodes: &[DemoNode], exe: &Path, dir: &Path, temporary: bool, front: u16) {
     let lbctl = exe.with_file_name("lbctl");
     let lbctl = if lbctl.exists() { lbctl.display().to_string() } else { "lbctl".to_owned() };
     println!("raftlb demo: a 3-node cluster on loopback, spec version 1 applied\n");
@@ -162,6 +178,10 @@ fn print_guide(nodes: &[DemoNode], exe: &Path, dir: &Path, temporary: bool) {
     }
     let first = nodes[0].addr;
     let second = nodes[1].addr;
+    println!("\nTraffic: every node serves the frontend on its own address, to backends web1 and web2:");
+    for n in nodes {
+        println!("  curl -si http://127.0.0.{}:{front}/", n.id);
+    }
     println!(
         "\nTry, in another shell:
   export LBCTL_ENDPOINT={first}
@@ -172,7 +192,7 @@ fn print_guide(nodes: &[DemoNode], exe: &Path, dir: &Path, temporary: bool) {
   {lbctl} config apply -f spec.yaml      # a new version, on every node
   {lbctl} config history
   {lbctl} config rollback 1              # version 1's spec, as a new version
-  curl -s http://{}/healthz
+  curl -s http://{}/healthz            # and /stats for the traffic counters
 
 Kill the leader (kill -9 PID from the table) and ask another node:
   {lbctl} --endpoint {second} cluster status
@@ -181,4 +201,26 @@ Ctrl-C stops the demo{}.",
         nodes[0].monitor,
         if temporary { " and removes its data".to_owned() } else { format!("; data and logs stay in {}", dir.display()) }
     );
+}
+
+/// One of the demo's backends: answers every request with its name and what
+/// the balancer told it about the client.
+async fn serve_backend(listener: tokio::net::TcpListener, name: &'static str) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                let header = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+                let body = format!(
+                    "hello from {name}: {} {}\nX-Forwarded-For: {}\nX-Served-By: {}\n",
+                    req.method(),
+                    req.uri().path(),
+                    header("x-forwarded-for"),
+                    header("x-served-by")
+                );
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+        });
+    }
 }

@@ -158,6 +158,27 @@ fn a_refused_connect_is_retried_and_redispatched_to_another_server() {
 }
 
 #[test]
+fn an_invalid_server_response_gives_502_and_no_server_gives_503() {
+    let c = Cluster::formed(1);
+    // Not an HTTP server: it greets with a line of text.
+    let garbage = tcp_server("garbage", "127.0.0.1:0");
+    let (bad, none) = (front(), front());
+    let dead = format!("127.0.0.1:{}", free_port());
+    let spec = format!(
+        "defaults:\n  retries: 1\nfrontends:\n  - {{ name: bad, bind: [\"{bad}\"], mode: http, default_backend: bad }}\n  - {{ name: none, bind: [\"{none}\"], mode: http, default_backend: none }}\nbackends:\n  - name: bad\n    servers:\n{}  - name: none\n    servers:\n      - {{ name: dead, address: \"{dead}\" }}\n",
+        servers_yaml(&[(&garbage, "")])
+    );
+    apply_spec(&c, 1, "bad.yaml", &spec);
+    let reply = wait_for(Duration::from_secs(5), "the frontend to answer", || get(bad, "/", &[]).ok());
+    assert_eq!(reply.status, 502, "{reply:?}");
+    let reply = get(none, "/", &[]).unwrap();
+    assert_eq!(reply.status, 503, "{reply:?}");
+    let stats = c.nodes[0].stats();
+    assert_eq!(stats["frontends"]["bad"]["responses"]["5xx"], 1, "{stats}");
+    assert_eq!(stats["backends"]["none"]["retries"], 1, "one retry, then 503: {stats}");
+}
+
+#[test]
 fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_client_gets_408() {
     let c = Cluster::formed(1);
     let a = http_server("a", "127.0.0.1:0");

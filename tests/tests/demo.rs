@@ -10,14 +10,24 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::net::SocketAddr;
+
+use raftlb_tests::client::get;
 use raftlb_tests::{binary, lbctl, wait_for};
 
-/// A base port whose three gRPC ports and three monitor ports (+100) are free.
+/// A base port whose demo ports are free: gRPC (+0..2), monitors (+100..102),
+/// the frontend (+1079 on 127.0.0.1-3) and the two backends (+2000, +2001).
 fn free_base() -> u16 {
+    let free = |ip: [u8; 4], port: u16| TcpListener::bind((std::net::Ipv4Addr::from(ip), port)).is_ok();
     (0..200)
         .map(|i| 30_000 + i * 7)
-        .find(|base| (0..3).all(|i| [base + i, base + i + 100].iter().all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())))
-        .expect("six free ports for the demo")
+        .find(|base| {
+            (0..3).all(|i| {
+                free([127, 0, 0, 1], base + i) && free([127, 0, 0, 1], base + i + 100) && free([127, 0, 0, 1 + i as u8], base + 1079)
+            }) && free([127, 0, 0, 1], base + 2000)
+                && free([127, 0, 0, 1], base + 2001)
+        })
+        .expect("free ports for the demo")
 }
 
 /// Starts `lbnode demo` and waits for its guide.
@@ -82,6 +92,19 @@ fn the_demo_runs_a_three_node_cluster_and_stops_on_interrupt() {
     for server in spec["spec"]["backends"][0]["servers"].as_array().unwrap() {
         assert!(server["address"].as_str().unwrap().starts_with("127.0.0.1:"), "the demo stays on loopback: {server}");
     }
+
+    // Traffic through every node, each on its own 127.0.0.N, to both backends.
+    let mut answered = std::collections::BTreeSet::new();
+    for n in 1..=3u8 {
+        let front = SocketAddr::from(([127, 0, 0, n], base + 1079));
+        for _ in 0..2 {
+            let reply = wait_for(Duration::from_secs(5), "the demo frontend to serve", || get(front, "/", &[]).ok());
+            assert_eq!(reply.status, 200, "node {n}: {reply:?}");
+            assert!(reply.body.contains("X-Served-By: raftlb"), "{}", reply.body);
+            answered.insert(reply.body.lines().next().unwrap().to_owned());
+        }
+    }
+    assert_eq!(answered.len(), 2, "both demo backends answered: {answered:?}");
 
     kill(Pid::from_raw(demo.id() as i32), Signal::SIGINT).unwrap();
     let exited = wait_for(Duration::from_secs(15), "the demo to exit after SIGINT", || demo.try_wait().unwrap());

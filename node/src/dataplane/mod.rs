@@ -142,3 +142,18 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: watch::Re
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VIP's address is not on the node until it holds it; the frontend
+    /// must listen on it all the same. Binding sends no traffic.
+    #[tokio::test]
+    async fn frontends_bind_addresses_the_node_does_not_hold() {
+        for addr in ["192.0.2.100:0", "[2001:db8::100]:0"] {
+            let listener = bind(addr.parse().unwrap()).unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert_eq!(listener.local_addr().unwrap().ip(), addr.parse::<SocketAddr>().unwrap().ip());
+        }
+    }
+}
