@@ -23,6 +23,8 @@ pub struct TestServer {
     pub hits: Arc<AtomicU64>,
     /// Connections open now.
     pub open: Arc<AtomicU64>,
+    /// Connections accepted in all.
+    pub accepted: Arc<AtomicU64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -56,7 +58,9 @@ where
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let hits = Arc::new(AtomicU64::new(0));
     let open = Arc::new(AtomicU64::new(0));
-    let (name_owned, addr_owned, hits2, open2) = (name.to_owned(), addr.to_owned(), hits.clone(), open.clone());
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (name_owned, addr_owned, hits2, open2, accepted2) =
+        (name.to_owned(), addr.to_owned(), hits.clone(), open.clone(), accepted.clone());
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
@@ -66,6 +70,7 @@ where
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { continue };
                     open2.fetch_add(1, Relaxed);
+                    accepted2.fetch_add(1, Relaxed);
                     let guard = OpenGuard(open2.clone());
                     let fut = serve(stream, name_owned.clone(), hits2.clone());
                     tokio::spawn(async move {
@@ -78,7 +83,7 @@ where
         });
     });
     let addr = addr_rx.recv_timeout(Duration::from_secs(5)).expect("the test server starts");
-    TestServer { name: name.to_owned(), addr, hits, open, stop: Some(stop_tx) }
+    TestServer { name: name.to_owned(), addr, hits, open, accepted, stop: Some(stop_tx) }
 }
 
 /// An HTTP/1.1 server on `addr` (use port 0 for any). It answers every

@@ -138,6 +138,28 @@ fn cookie_insert_sticks_a_client_to_its_server_and_survives_a_config_change() {
 }
 
 #[test]
+fn backend_connections_are_reused_as_http_reuse_says() {
+    let c = Cluster::formed(1);
+    for (reuse, most) in [("always", 2), ("never", 50)] {
+        let a = http_server("a", "127.0.0.1:0");
+        let bind = front();
+        apply_spec(&c, 1, &format!("{reuse}.yaml"), &http_spec(bind, &format!("    http_reuse: {reuse}\n"), &servers_yaml(&[(&a, "")])));
+        wait_serving(&c, bind);
+        let before = a.accepted.load(Relaxed);
+        let mut conn = KeepAlive::open(bind).unwrap();
+        for _ in 0..50 {
+            assert_eq!(conn.get("/", &[]).unwrap().status, 200);
+        }
+        let used = a.accepted.load(Relaxed) - before;
+        if reuse == "never" {
+            assert_eq!(used, 50, "http_reuse: never opens a connection per request");
+        } else {
+            assert!(used <= most, "http_reuse: {reuse} used {used} connections for 50 requests");
+        }
+    }
+}
+
+#[test]
 fn a_refused_connect_is_retried_and_redispatched_to_another_server() {
     let c = Cluster::formed(1);
     let good = http_server("good", "127.0.0.1:0");

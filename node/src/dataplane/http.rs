@@ -29,7 +29,7 @@ use tokio::time::Sleep;
 
 use super::connect::{dial, with_retries, Failure};
 use super::pipe::pipe;
-use super::runtime::{BackendRt, FrontendRt, Lease, Runtime};
+use super::runtime::{BackendRt, FrontendRt, Lease, Runtime, ServerState};
 use crate::stats::Counters;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -63,6 +63,17 @@ impl Pool {
             idle.push(sender);
         }
     }
+}
+
+/// Gives a connection back to its server's pool once it can carry the next
+/// request: right after a response body ends, hyper has not yet finished
+/// the exchange, and a connection taken then would look busy and be dropped.
+fn give_back(state: Arc<ServerState>, mut sender: SendRequest<Incoming>) {
+    tokio::spawn(async move {
+        if sender.ready().await.is_ok() {
+            state.pool.put(sender);
+        }
+    });
 }
 
 /// One client connection: what every request on it shares.
@@ -473,6 +484,17 @@ struct ResponseBody {
     done: Option<Done>,
 }
 
+impl ResponseBody {
+    /// The body is complete: the slot is freed and the connection pooled.
+    fn finish(&mut self) {
+        if let Some(Done { sender, _lease, .. }) = self.done.take() {
+            if let Some(sender) = sender {
+                give_back(_lease.state.clone(), sender);
+            }
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -487,12 +509,15 @@ impl Body for ResponseBody {
                     }
                 }
                 this.sleep = None;
+                // hyper stops polling a body that says it ended (a Content-Length
+                // body after its last byte): finish here, not only on `None`.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                if let Some(Done { sender: Some(sender), _lease, .. }) = this.done.take() {
-                    _lease.state.pool.put(sender);
-                }
+                this.finish();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# HAProxy and lbnode side by side on loopback, with the same backend (nginx)
+# and the same load generator (wrk): HTTP keep-alive, HTTP with a new
+# connection per request, and TCP mode. Prints requests/s, p50 and p99 for
+# each, and the ratio lbnode / HAProxy. Run by hand, as root on Debian (it
+# installs haproxy, nginx-light and wrk if they are missing):
+#
+#   scripts/bench.sh                      # 10 s per run, 64 connections, 2 threads
+#   DURATION=30s CONNS=128 scripts/bench.sh
+#
+# Both proxies get THREADS threads (HAProxy nbthread, lbnode's Tokio workers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+WRK_THREADS=${WRK_THREADS:-2}
+
+missing=()
+for p in haproxy nginx-light wrk; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+cargo build --profile ci --bins --quiet
+
+work=$(mktemp -d /tmp/raftlb-bench.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+backend=127.0.0.1:28080
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx.err;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  server { listen $backend; location / { return 200 "hello from nginx\n"; } }
+}
+CONF
+nginx -p "$work" -c "$work/nginx.conf" &
+pids+=($!)
+
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread $THREADS
+  maxconn 8000
+defaults
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend http
+  mode http
+  bind 127.0.0.1:28101
+  option http-keep-alive
+  default_backend http
+backend http
+  mode http
+  http-reuse always
+  server s1 $backend
+frontend tcp
+  mode tcp
+  bind 127.0.0.1:28102
+  default_backend tcp
+backend tcp
+  mode tcp
+  server s1 $backend
+CONF
+haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
+pids+=($!)
+
+TOKIO_WORKER_THREADS=$THREADS RUST_LOG=warn target/ci/lbnode --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
+pids+=($!)
+lbctl() { target/ci/lbctl --endpoint 127.0.0.1:28200 "$@"; }
+for _ in $(seq 50); do lbctl cluster status >/dev/null 2>&1 && break; sleep 0.1; done
+lbctl cluster init >/dev/null
+cat > "$work/spec.yaml" <<SPEC
+defaults:
+  maxconn: 8000
+frontends:
+  - { name: http, bind: ["127.0.0.1:28201"], mode: http, default_backend: http }
+  - { name: tcp, bind: ["127.0.0.1:28202"], mode: tcp, default_backend: tcp }
+backends:
+  - name: http
+    http_reuse: always
+    servers: [{ name: s1, address: "$backend" }]
+  - name: tcp
+    servers: [{ name: s1, address: "$backend" }]
+SPEC
+lbctl config apply -f "$work/spec.yaml" >/dev/null
+for port in 28101 28102 28201 28202; do
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$port/" >/dev/null || { echo "nothing serves on 127.0.0.1:$port; see $work" >&2; exit 1; }
+done
+
+# wrk's latency in ms, whatever unit it printed.
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'; }
+
+# run NAME URL [wrk args...]: prints "rps p50 p99"
+run() {
+  local url=$1; shift
+  wrk -t"$WRK_THREADS" -c"$CONNS" -d2s "$@" "$url" >/dev/null 2>&1 # warm-up
+  local out
+  out=$(wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "$@" "$url")
+  local rps p50 p99 errors
+  rps=$(awk '/^Requests\/sec/ { printf "%d", $2 }' <<<"$out")
+  p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
+  errors=$(awk '/Non-2xx|Socket errors/ { print }' <<<"$out" | tr '\n' ' ')
+  [ -z "$errors" ] || echo "  ($url: $errors)" >&2
+  echo "$rps $p50 $p99"
+}
+
+printf 'raftlb benchmark: %s per run, %s connections, %s wrk threads, %s proxy threads, %s cores\n' "$DURATION" "$CONNS" "$WRK_THREADS" "$THREADS" "$(nproc)"
+printf '%s\n\n' "$(haproxy -v | head -1 | cut -d' ' -f1-3); lbnode $(target/ci/lbnode --version | cut -d' ' -f2); $(nginx -v 2>&1 | cut -d' ' -f3) backend"
+printf '%-22s %-8s %10s %9s %9s\n' scenario proxy "req/s" "p50 ms" "p99 ms"
+for scenario in "http-keepalive|28101|28201|" "http-close|28101|28201|-H Connection: close" "tcp|28102|28202|"; do
+  IFS='|' read -r name hport lport extra <<<"$scenario"
+  args=()
+  [ -z "$extra" ] || args=(-H "${extra#-H }")
+  read -r hr h50 h99 < <(run "http://127.0.0.1:$hport/" "${args[@]}")
+  read -r lr l50 l99 < <(run "http://127.0.0.1:$lport/" "${args[@]}")
+  printf '%-22s %-8s %10s %9s %9s\n' "$name" haproxy "$hr" "$h50" "$h99"
+  printf '%-22s %-8s %10s %9s %9s   ratio %s, p99 %s\n' "$name" lbnode "$lr" "$l50" "$l99" \
+    "$(awk -v a="$lr" -v b="$hr" 'BEGIN { printf "%.2f", a / b }')" \
+    "$(awk -v a="$l99" -v b="$h99" 'BEGIN { print (a <= b ? "no worse" : "worse") }')"
+done
