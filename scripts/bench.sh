@@ -8,7 +8,7 @@
 #   scripts/bench.sh                      # 10 s per run, 64 connections, 2 threads
 #   DURATION=30s CONNS=128 scripts/bench.sh
 #
-# Both proxies get THREADS threads (HAProxy nbthread, lbnode's Tokio workers).
+# Both proxies get THREADS threads (HAProxy nbthread, lbnode --threads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,7 +80,7 @@ CONF
 haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
 pids+=($!)
 
-TOKIO_WORKER_THREADS=$THREADS RUST_LOG=warn target/ci/lbnode --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
+RUST_LOG=warn target/ci/lbnode --threads "$THREADS" --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
 pids+=($!)
 lbctl() { target/ci/lbctl --endpoint 127.0.0.1:28200 "$@"; }
 for _ in $(seq 50); do lbctl cluster status >/dev/null 2>&1 && break; sleep 0.1; done

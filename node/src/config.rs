@@ -30,6 +30,8 @@ pub struct NodeConfig {
     /// nodes on one host: `{"127.0.0.1": "127.0.0.2"}`.
     #[serde(default)]
     pub bind_rewrite: BTreeMap<IpAddr, IpAddr>,
+    /// Threads that carry traffic; defaults to one per core.
+    pub threads: Option<usize>,
     #[serde(default)]
     pub raft: RaftTimings,
     #[serde(default)]
@@ -108,6 +110,9 @@ pub struct Overrides {
     /// HTTP address of the monitor server (GET /healthz).
     #[arg(long, value_name = "ADDR")]
     pub monitor: Option<SocketAddr>,
+    /// Threads that carry traffic (default: one per core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Serve frontends bound to FROM on TO instead, like 127.0.0.1=127.0.0.2 (repeatable).
     #[arg(long, value_name = "FROM=TO", value_parser = parse_rewrite)]
     pub bind_rewrite: Vec<(IpAddr, IpAddr)>,
@@ -127,6 +132,7 @@ fn parse_rewrite(s: &str) -> Result<(IpAddr, IpAddr), String> {
 pub struct Resolved {
     pub settings: Settings,
     pub bind_rewrite: BindRewrite,
+    pub threads: usize,
     pub listen: SocketAddr,
     pub monitor: Option<SocketAddr>,
     pub log: LogSettings,
@@ -182,9 +188,14 @@ impl Overrides {
         settings.write_timeout = t.write_timeout.get();
         settings.snapshot_after = t.snapshot_after.max(1);
         settings.logs_kept_after_snapshot = t.logs_kept_after_snapshot;
+        let threads = match self.threads.or(file.threads) {
+            Some(0) => bail!("--threads 0 would carry no traffic: give 1 or more, or leave it out for one per core"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         let mut bind_rewrite: BindRewrite = file.bind_rewrite.into_iter().collect();
         bind_rewrite.extend(self.bind_rewrite);
-        Ok(Resolved { settings, bind_rewrite, listen, monitor: self.monitor.or(file.monitor), log: file.log })
+        Ok(Resolved { settings, bind_rewrite, threads, listen, monitor: self.monitor.or(file.monitor), log: file.log })
     }
 }
 

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use crate::admin::AdminService;
 use crate::config::Resolved;
 use crate::dataplane::runtime::Shared;
+use crate::dataplane::workers::Workers;
 use crate::dataplane::DataPlane;
 use crate::monitor;
 
 pub async fn run(node: Resolved) -> anyhow::Result<()> {
-    let Resolved { settings, bind_rewrite, listen, monitor, .. } = node;
+    let Resolved { settings, bind_rewrite, threads, listen, monitor, .. } = node;
     // Bind first: a taken port fails before the data dir is touched.
     let incoming =
         TcpIncoming::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen} (--listen): {e}"))?.with_nodelay(Some(true));
@@ -37,8 +38,9 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
     if !cluster.is_initialized() {
         tracing::info!("not a member of a cluster yet: run `lbctl cluster init` on the first node, or `lbctl node add` on a member");
     }
-    let shared = Arc::new(Shared::default());
-    tokio::spawn(DataPlane::new(shared.clone(), bind_rewrite).run(cluster.clone()));
+    let workers = Arc::new(Workers::start(threads).context("cannot start the data plane threads")?);
+    let shared = Arc::new(Shared::new(workers.len()));
+    tokio::spawn(DataPlane::new(shared.clone(), workers, bind_rewrite).run(cluster.clone()));
     if let Some(listener) = monitor_listener {
         tokio::spawn(monitor::serve(listener, cluster.clone(), shared));
     }

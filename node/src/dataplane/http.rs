@@ -29,28 +29,41 @@ use tokio::time::Sleep;
 
 use super::connect::{dial, with_retries, Failure};
 use super::pipe::pipe;
-use super::runtime::{BackendRt, FrontendRt, Lease, Runtime, ServerState};
+use super::runtime::{BackendRt, FrontendRt, Lease, Runtime};
+use super::workers;
 use crate::stats::Counters;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// Idle connections to one server, kept for reuse.
-#[derive(Default)]
+/// Idle connections to one server, kept for reuse: one list per worker, as
+/// a connection belongs to the worker whose runtime drives it.
 pub struct Pool {
-    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    idle: Box<[Mutex<Vec<SendRequest<Incoming>>>]>,
 }
 
 /// Idle connections kept per server.
 const POOL_LIMIT: usize = 256;
+/// How long a pooled connection may take to be ready before a new one is opened.
+const POOL_READY: Duration = Duration::from_millis(20);
 /// Largest request head a client may send: larger gets 431.
 const MAX_HEAD: usize = 64 * 1024;
 
 impl Pool {
+    pub fn new(workers: usize) -> Self {
+        Pool { idle: (0..workers.max(1)).map(|_| Mutex::default()).collect() }
+    }
+
+    fn mine(&self) -> &Mutex<Vec<SendRequest<Incoming>>> {
+        &self.idle[workers::current() % self.idle.len()]
+    }
+
+    /// The most recently used open connection of this worker. It may still be
+    /// finishing its last exchange: the caller waits for it to be ready.
     fn take(&self) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.mine().lock().expect("pool lock");
         while let Some(sender) = idle.pop() {
-            if sender.is_ready() && !sender.is_closed() {
+            if !sender.is_closed() {
                 return Some(sender);
             }
         }
@@ -58,22 +71,11 @@ impl Pool {
     }
 
     fn put(&self, sender: SendRequest<Incoming>) {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.mine().lock().expect("pool lock");
         if idle.len() < POOL_LIMIT && !sender.is_closed() {
             idle.push(sender);
         }
     }
-}
-
-/// Gives a connection back to its server's pool once it can carry the next
-/// request: right after a response body ends, hyper has not yet finished
-/// the exchange, and a connection taken then would look busy and be dropped.
-fn give_back(state: Arc<ServerState>, mut sender: SendRequest<Incoming>) {
-    tokio::spawn(async move {
-        if sender.ready().await.is_ok() {
-            state.pool.put(sender);
-        }
-    });
 }
 
 /// One client connection: what every request on it shares.
@@ -128,6 +130,7 @@ pub async fn serve(
     let io = ClientIo {
         inner: stream,
         idle: idle_timeout,
+        last_write: None,
         idle_sleep: None,
         read_since_write: read_since_write.clone(),
         in_flight: in_flight.clone(),
@@ -281,10 +284,14 @@ async fn route_and_forward(
         let pooled = if reuse { server.pool.take() } else { None };
         let addr = server.addr;
         async move {
-            match pooled {
-                Some(sender) => Ok(sender),
-                None => handshake(addr, connect_timeout, upgrade).await,
+            // Right after its last response ended, hyper may not have closed
+            // the exchange yet; a pooled connection is ready a moment later.
+            if let Some(mut sender) = pooled {
+                if let Ok(Ok(())) = tokio::time::timeout(POOL_READY, sender.ready()).await {
+                    return Ok(sender);
+                }
             }
+            handshake(addr, connect_timeout, upgrade).await
         }
     })
     .await;
@@ -359,7 +366,7 @@ async fn route_and_forward(
     let counters = [be.counters.clone(), lease.state.counters.clone()];
     response.map(|body| {
         let done = Done { _lease: lease, _in_flight: in_flight, sender: pool_back };
-        ResponseBody { inner: body, idle: server_timeout, sleep: None, counters, done: Some(done) }.boxed()
+        ResponseBody { inner: body, idle: server_timeout, quiet_since: None, sleep: None, counters, done: Some(done) }.boxed()
     })
 }
 
@@ -479,6 +486,8 @@ struct Done {
 struct ResponseBody {
     inner: Incoming,
     idle: Duration,
+    /// When the server's silence will have lasted `idle`; unset while data flows.
+    quiet_since: Option<tokio::time::Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
     counters: [Arc<Counters>; 2],
     done: Option<Done>,
@@ -487,10 +496,8 @@ struct ResponseBody {
 impl ResponseBody {
     /// The body is complete: the slot is freed and the connection pooled.
     fn finish(&mut self) {
-        if let Some(Done { sender, _lease, .. }) = self.done.take() {
-            if let Some(sender) = sender {
-                give_back(_lease.state.clone(), sender);
-            }
+        if let Some(Done { sender: Some(sender), _lease, .. }) = self.done.take() {
+            _lease.state.pool.put(sender);
         }
     }
 }
@@ -508,7 +515,7 @@ impl Body for ResponseBody {
                         Counters::add(&c.bytes_out, data.len() as u64);
                     }
                 }
-                this.sleep = None;
+                this.quiet_since = None;
                 // hyper stops polling a body that says it ended (a Content-Length
                 // body after its last byte): finish here, not only on `None`.
                 if this.inner.is_end_stream() {
@@ -526,7 +533,11 @@ impl Body for ResponseBody {
             }
             Poll::Pending => {
                 let idle = this.idle;
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                let deadline = *this.quiet_since.get_or_insert_with(|| tokio::time::Instant::now() + idle);
+                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
                 if sleep.as_mut().poll(cx).is_ready() {
                     this.done = None;
                     for c in &this.counters {
@@ -555,6 +566,8 @@ impl Body for ResponseBody {
 struct ClientIo {
     inner: TcpStream,
     idle: Duration,
+    /// When a response was last written; the idle keep-alive time runs from it.
+    last_write: Option<tokio::time::Instant>,
     idle_sleep: Option<Pin<Box<Sleep>>>,
     read_since_write: Arc<AtomicU64>,
     in_flight: Arc<AtomicU64>,
@@ -570,13 +583,17 @@ impl AsyncRead for ClientIo {
                 if n > 0 {
                     self.read_since_write.fetch_add(n, Relaxed);
                     Counters::add(&self.counters.bytes_in, n);
-                    self.idle_sleep = None;
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                if self.read_since_write.load(Relaxed) == 0 && self.in_flight.load(Relaxed) == 0 {
-                    if let Some(sleep) = self.idle_sleep.as_mut() {
+                if let Some(last) = self.last_write {
+                    if self.read_since_write.load(Relaxed) == 0 && self.in_flight.load(Relaxed) == 0 {
+                        let deadline = last + self.idle;
+                        let sleep = self.idle_sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if sleep.deadline() != deadline {
+                            sleep.as_mut().reset(deadline);
+                        }
                         if sleep.as_mut().poll(cx).is_ready() {
                             return Poll::Ready(Ok(()));
                         }
@@ -596,8 +613,7 @@ impl AsyncWrite for ClientIo {
             if n > 0 {
                 self.read_since_write.store(0, Relaxed);
                 Counters::add(&self.counters.bytes_out, n as u64);
-                let idle = self.idle;
-                self.idle_sleep = Some(Box::pin(tokio::time::sleep(idle)));
+                self.last_write = Some(tokio::time::Instant::now());
             }
         }
         result

@@ -11,6 +11,7 @@ mod pipe;
 mod proxy_protocol;
 pub mod runtime;
 mod tcp;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,17 +25,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use workers::Workers;
 
 pub struct DataPlane {
     shared: Arc<Shared>,
+    workers: Arc<Workers>,
     rewrite: BindRewrite,
     runtime: watch::Sender<Option<Arc<Runtime>>>,
     listeners: HashMap<SocketAddr, JoinHandle<()>>,
 }
 
 impl DataPlane {
-    pub fn new(shared: Arc<Shared>, rewrite: BindRewrite) -> Self {
-        DataPlane { shared, rewrite, runtime: watch::channel(None).0, listeners: HashMap::new() }
+    pub fn new(shared: Arc<Shared>, workers: Arc<Workers>, rewrite: BindRewrite) -> Self {
+        DataPlane { shared, workers, rewrite, runtime: watch::channel(None).0, listeners: HashMap::new() }
     }
 
     /// Serves every spec version the cluster commits, until the node stops.
@@ -85,7 +88,8 @@ impl DataPlane {
             match bind(addr) {
                 Ok(listener) => {
                     tracing::info!(%addr, "listening");
-                    self.listeners.insert(addr, tokio::spawn(accept_loop(listener, addr, self.runtime.subscribe())));
+                    let task = accept_loop(listener, addr, self.runtime.subscribe(), self.workers.clone());
+                    self.listeners.insert(addr, tokio::spawn(task));
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "cannot listen on a frontend address; retrying every second"),
             }
@@ -111,7 +115,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: watch::Receiver<Option<Arc<Runtime>>>) {
+async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: watch::Receiver<Option<Arc<Runtime>>>, workers: Arc<Workers>) {
     loop {
         let Some(rt) = runtime.borrow().clone() else { return };
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { return };
@@ -130,10 +134,13 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: watch::Re
         // The spec in force now, which may be newer than the one the slots came from.
         let rt = runtime.borrow().clone().unwrap_or(rt);
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { continue };
-        let _ = stream.set_nodelay(true);
+        // Handed to a worker as a plain socket: it registers with that worker's reactor.
+        let Ok(stream) = stream.into_std() else { continue };
         let runtime = runtime.clone();
-        tokio::spawn(async move {
+        workers.spawn(async move {
             let _slots = (node_slot, fe_slot);
+            let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return };
+            let _ = stream.set_nodelay(true);
             let _session = fe.counters.session();
             match fe.spec.mode {
                 Mode::Tcp => tcp::serve(rt, fe.clone(), stream, peer, addr).await,

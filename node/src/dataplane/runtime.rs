@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,8 @@ pub struct ServerState {
 pub struct BackendShared {
     /// Woken whenever a server slot frees up, for requests in the queue.
     released: Notify,
+    /// Requests in the queue: a release wakes them only if there are any.
+    waiting: AtomicU64,
     /// Source stickiness: client address -> server name, until the instant.
     stick: Mutex<HashMap<IpAddr, (String, Instant)>>,
 }
@@ -76,12 +79,18 @@ pub struct BackendShared {
 #[derive(Default)]
 pub struct Shared {
     pub stats: Arc<Stats>,
+    /// Data plane workers: each server keeps a connection pool per worker.
+    workers: usize,
     servers: Mutex<HashMap<(String, String, SocketAddr), Arc<ServerState>>>,
     backends: Mutex<HashMap<String, Arc<BackendShared>>>,
     slots: Mutex<HashMap<(String, u64), Arc<Semaphore>>>,
 }
 
 impl Shared {
+    pub fn new(workers: usize) -> Self {
+        Shared { workers, ..Default::default() }
+    }
+
     fn slots(&self, key: &str, n: u64) -> Arc<Semaphore> {
         let n = n.min(Semaphore::MAX_PERMITS as u64);
         self.slots.lock().expect("slots lock").entry((key.to_owned(), n)).or_insert_with(|| Arc::new(Semaphore::new(n as usize))).clone()
@@ -135,7 +144,7 @@ impl Shared {
                             active: AtomicU64::new(0),
                             up: AtomicBool::new(true),
                             counters: self.stats.server(&b.name, &s.name),
-                            pool: Pool::default(),
+                            pool: Pool::new(self.workers),
                         })
                     })
                     .clone();
@@ -161,7 +170,12 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.state.active.fetch_sub(1, Relaxed);
-        self.shared.released.notify_waiters();
+        // Pairs with the fence in `lease`: either the waiter sees this free
+        // slot, or this release sees the waiter and wakes it.
+        fence(SeqCst);
+        if self.shared.waiting.load(Relaxed) > 0 {
+            self.shared.released.notify_waiters();
+        }
     }
 }
 
@@ -191,18 +205,24 @@ impl BackendRt {
         let deadline = tokio::time::Instant::now() + queue;
         let mut queued = false;
         let result = loop {
+            // Registered before the look, so a release between the look and
+            // the wait is not missed; only once in the queue, as it costs a lock.
             let released = self.shared.released.notified();
             tokio::pin!(released);
-            released.as_mut().enable();
+            if queued {
+                released.as_mut().enable();
+            }
             match self.try_pick(src, prefer, exclude) {
                 Pick::Leased(index, lease) => break Ok((index, lease)),
                 Pick::NoneUp => break Err(NoServer::NoneUp),
+                Pick::Full if !queued => {
+                    queued = true;
+                    self.shared.waiting.fetch_add(1, Relaxed);
+                    fence(SeqCst);
+                    Counters::add(&self.counters.queue_current, 1);
+                    Counters::add(&self.counters.queue_total, 1);
+                }
                 Pick::Full => {
-                    if !queued {
-                        queued = true;
-                        Counters::add(&self.counters.queue_current, 1);
-                        Counters::add(&self.counters.queue_total, 1);
-                    }
                     if tokio::time::timeout_at(deadline, released).await.is_err() {
                         break Err(NoServer::QueueTimeout);
                     }
@@ -210,6 +230,7 @@ impl BackendRt {
             }
         };
         if queued {
+            self.shared.waiting.fetch_sub(1, Relaxed);
             self.counters.queue_current.fetch_sub(1, Relaxed);
         }
         let (index, lease) = result?;
