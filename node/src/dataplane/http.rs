@@ -24,12 +24,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use raftlb_proto::spec::{CookieMode, HttpReuse};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use super::connect::{dial, with_retries, Failure};
 use super::pipe::pipe;
-use super::runtime::{BackendRt, FrontendRt, Lease, Runtime};
+use super::runtime::{BackendRt, FrontendRt, Lease, Runtime, RuntimeWatch};
 use super::workers;
 use crate::stats::Counters;
 
@@ -80,13 +79,28 @@ impl Pool {
 
 /// One client connection: what every request on it shares.
 struct Client {
-    runtime: watch::Receiver<Option<Arc<Runtime>>>,
+    /// The spec in force as this connection last saw it, with the receiver
+    /// that tells when a newer one arrived. Checking for a change only reads;
+    /// taking the watch's lock on every request made both workers fight over it.
+    runtime: Mutex<(RuntimeWatch, Option<Arc<Runtime>>)>,
     local: SocketAddr,
     peer: SocketAddr,
     /// Requests answered on this connection so far (`http_reuse: safe` keeps the first on its own connection).
     served: AtomicU64,
     /// Requests whose response (or tunnel) is not finished yet.
     in_flight: Arc<AtomicU64>,
+}
+
+impl Client {
+    /// The spec in force now.
+    fn current(&self) -> Option<Arc<Runtime>> {
+        let mut guard = self.runtime.lock().expect("runtime cache lock");
+        let (receiver, cached) = &mut *guard;
+        if receiver.has_changed().unwrap_or(false) {
+            *cached = receiver.borrow_and_update().clone();
+        }
+        cached.clone()
+    }
 }
 
 /// Counts a request as in flight until dropped.
@@ -106,13 +120,7 @@ impl Drop for InFlight {
 }
 
 /// Serves one client connection until it closes.
-pub async fn serve(
-    runtime: watch::Receiver<Option<Arc<Runtime>>>,
-    fe: Arc<FrontendRt>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-) {
+pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let Some(rt) = runtime.borrow().clone() else { return };
     let (head_timeout, idle_timeout) = (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get());
     // A second handle on the socket: hyper gives up the connection when the
@@ -136,7 +144,7 @@ pub async fn serve(
         in_flight: in_flight.clone(),
         counters: fe.counters.clone(),
     };
-    let client = Arc::new(Client { runtime, local, peer, served: AtomicU64::new(0), in_flight });
+    let client = Arc::new(Client { runtime: Mutex::new((runtime, Some(rt))), local, peer, served: AtomicU64::new(0), in_flight });
     let service = hyper::service::service_fn(move |req| {
         let client = client.clone();
         async move { Ok::<_, Infallible>(handle(&client, req).await) }
@@ -191,7 +199,7 @@ async fn handle(client: &Client, req: Request<Incoming>) -> Response<ProxyBody> 
     let first = client.served.fetch_add(1, Relaxed) == 0;
     let in_flight = InFlight::new(&client.in_flight);
     // Each request is served with the spec in force when it arrives.
-    let Some(rt) = client.runtime.borrow().clone() else {
+    let Some(rt) = client.current() else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request.");
     };
     let Some(fe) = rt.by_bind.get(&client.local).cloned() else {

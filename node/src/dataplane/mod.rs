@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use raftlb_proto::spec::Mode;
 use raftlb_raft::Cluster;
-use runtime::{BindRewrite, Runtime, Shared};
+use runtime::{BindRewrite, Runtime, RuntimeWatch, Shared};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -115,7 +115,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: watch::Receiver<Option<Arc<Runtime>>>, workers: Arc<Workers>) {
+async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: RuntimeWatch, workers: Arc<Workers>) {
     loop {
         let Some(rt) = runtime.borrow().clone() else { return };
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { return };

@@ -18,6 +18,9 @@ use super::http::Pool;
 use crate::balance::{Balancer, Candidate};
 use crate::stats::{Counters, Stats};
 
+/// The spec version in force, as the data plane publishes it to its connections.
+pub type RuntimeWatch = tokio::sync::watch::Receiver<Option<Arc<Runtime>>>;
+
 /// Where this node places frontends whose bind address another node on the
 /// same host already uses: `from` IP -> `to` IP (see the node config).
 pub type BindRewrite = HashMap<IpAddr, IpAddr>;
