@@ -22,7 +22,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use raftlb_proto::spec::{CookieMode, HttpReuse};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -123,20 +123,14 @@ impl Drop for InFlight {
 pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let Some(rt) = runtime.borrow().clone() else { return };
     let (head_timeout, idle_timeout) = (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get());
-    // A second handle on the socket: hyper gives up the connection when the
-    // request head times out, and HAProxy's answer to that is a 408.
-    let spare = match stream.into_std().and_then(|s| Ok((s.try_clone()?, s))) {
-        Ok((spare, s)) => match TcpStream::from_std(s) {
-            Ok(stream) => Some((spare, stream)),
-            Err(_) => None,
-        },
-        Err(_) => None,
-    };
-    let Some((spare, stream)) = spare else { return };
+    // The socket is shared with the connection's I/O: hyper gives up the
+    // connection when a request head times out, and HAProxy's answer to that
+    // is a 408, written here on the same socket.
+    let stream = Arc::new(stream);
     let read_since_write = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
     let io = ClientIo {
-        inner: stream,
+        inner: stream.clone(),
         idle: idle_timeout,
         last_write: None,
         idle_sleep: None,
@@ -163,10 +157,16 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         if e.is_timeout() && read_since_write.load(Relaxed) > 0 {
             Counters::add(&fe.counters.errors, 1);
             fe.counters.response(408);
-            if let Ok(mut spare) = TcpStream::from_std(spare) {
-                let _ = spare.write_all(&canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.")).await;
-                let _ = spare.shutdown().await;
+            let reply = canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
+            let mut sent = 0;
+            while sent < reply.len() && stream.writable().await.is_ok() {
+                match stream.try_write(&reply[sent..]) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
             }
+            let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Write);
         } else {
             tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
         }
@@ -572,7 +572,7 @@ impl Body for ResponseBody {
 /// which hyper closes quietly), and the bytes read since the last response
 /// tell a half-sent request head (408) from an idle connection.
 struct ClientIo {
-    inner: TcpStream,
+    inner: Arc<TcpStream>,
     idle: Duration,
     /// When a response was last written; the idle keep-alive time runs from it.
     last_write: Option<tokio::time::Instant>,
@@ -584,54 +584,78 @@ struct ClientIo {
 
 impl AsyncRead for ClientIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let n = (buf.filled().len() - before) as u64;
-                if n > 0 {
-                    self.read_since_write.fetch_add(n, Relaxed);
-                    Counters::add(&self.counters.bytes_in, n);
-                }
-                Poll::Ready(Ok(()))
+        loop {
+            match self.inner.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return self.idle_end(cx),
             }
-            Poll::Pending => {
-                if let Some(last) = self.last_write {
-                    if self.read_since_write.load(Relaxed) == 0 && self.in_flight.load(Relaxed) == 0 {
-                        let deadline = last + self.idle;
-                        let sleep = self.idle_sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                        if sleep.deadline() != deadline {
-                            sleep.as_mut().reset(deadline);
-                        }
-                        if sleep.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Ok(()));
-                        }
+            match self.inner.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    if n > 0 {
+                        self.read_since_write.fetch_add(n as u64, Relaxed);
+                        Counters::add(&self.counters.bytes_in, n as u64);
                     }
+                    return Poll::Ready(Ok(()));
                 }
-                Poll::Pending
+                // The readiness was stale; it is cleared, poll again.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
             }
-            other => other,
         }
+    }
+}
+
+impl ClientIo {
+    /// Nothing to read: an idle keep-alive connection (no request in flight,
+    /// nothing read since the last response) ends after `http_keep_alive`,
+    /// as an end of stream, which hyper closes quietly.
+    fn idle_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(last) = self.last_write {
+            if self.read_since_write.load(Relaxed) == 0 && self.in_flight.load(Relaxed) == 0 {
+                let deadline = last + self.idle;
+                let sleep = self.idle_sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        Poll::Pending
     }
 }
 
 impl AsyncWrite for ClientIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = result {
-            if n > 0 {
-                self.read_since_write.store(0, Relaxed);
-                Counters::add(&self.counters.bytes_out, n as u64);
-                self.last_write = Some(tokio::time::Instant::now());
+        loop {
+            match self.inner.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other.map(|r| r.map(|()| 0)),
+            }
+            match self.inner.try_write(data) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.read_since_write.store(0, Relaxed);
+                        Counters::add(&self.counters.bytes_out, n as u64);
+                        self.last_write = Some(tokio::time::Instant::now());
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        result
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Writes go straight to the socket: nothing is buffered here.
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.inner).shutdown(std::net::Shutdown::Write))
     }
 }

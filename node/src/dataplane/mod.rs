@@ -116,6 +116,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: RuntimeWatch, workers: Arc<Workers>) {
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let Some(rt) = runtime.borrow().clone() else { return };
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { return };
@@ -126,7 +127,11 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: RuntimeWa
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
-                tracing::warn!(%addr, error = %e, "accept failed");
+                // Out of file descriptors, typically: say so at most once a second.
+                if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    tracing::warn!(%addr, error = %e, "accept failed; check the file descriptor limit against maxconn");
+                    warned = Some(std::time::Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }

@@ -102,21 +102,25 @@ impl Shared {
     /// Compiles a validated spec; `rewrite` places this node's frontends.
     pub fn compile(&self, spec: &Spec, rewrite: &BindRewrite) -> Runtime {
         let backends: HashMap<String, Arc<BackendRt>> = spec.backends.iter().map(|b| (b.name.clone(), Arc::new(self.backend(b)))).collect();
+        // Forget what the spec no longer names; connections still using it keep
+        // their own references, and its pooled connections close with it.
+        self.servers.lock().expect("server table lock").retain(|(b, s, addr), _| {
+            backends.get(b).is_some_and(|be| be.servers.iter().any(|srv| srv.spec.name == *s && srv.state.addr == *addr))
+        });
+        self.backends.lock().expect("backend table lock").retain(|b, _| backends.contains_key(b));
         let mut by_bind = HashMap::new();
         for f in &spec.frontends {
-            {
-                let fe = Arc::new(FrontendRt {
-                    spec: f.clone(),
-                    counters: self.stats.frontend(&f.name),
-                    slots: self.slots(&format!("frontend {}", f.name), f.maxconn.map_or(u64::from(u32::MAX), |m| m.0)),
-                });
-                for bind in &f.bind {
-                    let mut addr = bind.0;
-                    if let Some(to) = rewrite.get(&addr.ip()) {
-                        addr.set_ip(*to);
-                    }
-                    by_bind.insert(addr, fe.clone());
+            let fe = Arc::new(FrontendRt {
+                spec: f.clone(),
+                counters: self.stats.frontend(&f.name),
+                slots: self.slots(&format!("frontend {}", f.name), f.maxconn.map_or(u64::from(u32::MAX), |m| m.0)),
+            });
+            for bind in &f.bind {
+                let mut addr = bind.0;
+                if let Some(to) = rewrite.get(&addr.ip()) {
+                    addr.set_ip(*to);
                 }
+                by_bind.insert(addr, fe.clone());
             }
         }
         Runtime {
@@ -355,6 +359,22 @@ mod tests {
         assert_eq!(pick(&be, Some("drained")).await.unwrap(), "drained", "a cookie or stick entry still reaches it");
         set_up(&be, "drained", false);
         assert_eq!(pick(&be, Some("drained")).await.unwrap(), "a", "not once it is down");
+    }
+
+    #[test]
+    fn a_new_version_keeps_the_state_of_servers_it_keeps_and_drops_the_rest() {
+        let shared = Shared::default();
+        let spec = |servers: &str| Spec::from_yaml(&format!("backends:\n  - name: b\n    servers:\n{servers}")).unwrap();
+        let a = "      - { name: a, address: \"127.0.0.1:1\" }\n";
+        let b = "      - { name: b, address: \"127.0.0.1:2\" }\n";
+        let v1 = shared.compile(&spec(&format!("{a}{b}")), &BindRewrite::new());
+        v1.backends["b"].servers[0].state.active.store(7, Relaxed);
+        let v2 = shared.compile(&spec(a), &BindRewrite::new());
+        assert_eq!(v2.backends["b"].servers[0].state.active.load(Relaxed), 7, "server a's sessions carry over");
+        assert!(Arc::ptr_eq(&v1.backends["b"].servers[0].state, &v2.backends["b"].servers[0].state));
+        assert_eq!(shared.servers.lock().unwrap().len(), 1, "server b is forgotten");
+        shared.compile(&Spec::default(), &BindRewrite::new());
+        assert!(shared.servers.lock().unwrap().is_empty() && shared.backends.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
