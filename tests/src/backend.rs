@@ -87,8 +87,9 @@ where
 }
 
 /// An HTTP/1.1 server on `addr` (use port 0 for any). It answers every
-/// request with a JSON body `{"server", "method", "path", "headers"}`, and:
-/// `/stall` never answers; `/slow?ms=N` answers after N ms; an Upgrade
+/// request, after reading its body, with a JSON body `{"server", "method",
+/// "path", "headers", "body_bytes"}`, and: `/stall` never answers;
+/// `/slow?ms=N` answers after N ms; `/big?mb=N` answers N MiB; an Upgrade
 /// request gets 101 and then an echo of the bytes that follow.
 pub fn http_server(name: &str, addr: &str) -> TestServer {
     spawn_server(name, addr, |stream, name, hits| async move {
@@ -126,9 +127,18 @@ pub fn http_server(name: &str, addr: &str) -> TestServer {
                             .unwrap(),
                     );
                 }
+                if let Some(mb) =
+                    req.uri().query().and_then(|q| q.strip_prefix("mb=")).and_then(|v| v.parse::<usize>().ok()).filter(|_| path == "/big")
+                {
+                    return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; mb << 20]))));
+                }
                 let headers: serde_json::Map<String, serde_json::Value> =
                     req.headers().iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(v.to_str().unwrap_or("")))).collect();
-                let body = serde_json::json!({ "server": name, "method": req.method().as_str(), "path": path, "headers": headers });
+                let method = req.method().as_str().to_owned();
+                // A request body is read whole before the answer, as an upload handler would.
+                let received = http_body_util::BodyExt::collect(req.into_body()).await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                let body =
+                    serde_json::json!({ "server": name, "method": method, "path": path, "headers": headers, "body_bytes": received });
                 Ok(Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(body.to_string()))).unwrap())
             }
         });

@@ -224,6 +224,42 @@ fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_client_gets_40
 }
 
 #[test]
+fn the_client_timeout_ends_a_stalled_upload_with_408_and_cuts_a_client_that_stops_reading() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    let spec = format!(
+        "defaults:\n  timeouts: {{ client: 500ms, server: 5s }}\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    servers:\n{}",
+        servers_yaml(&[(&a, "")])
+    );
+    apply_spec(&c, 1, "client.yaml", &spec);
+    wait_serving(&c, bind);
+    let upload = |body: &[u8], announced: usize| {
+        let mut s = connect(bind, None).unwrap();
+        s.write_all(format!("POST /upload HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {announced}\r\n\r\n").as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let started = Instant::now();
+        (client::read_reply(&mut BufReader::new(s)).unwrap(), started.elapsed())
+    };
+    let (whole, _) = upload(&[b'u'; 100], 100);
+    assert_eq!((whole.status, whole.json()["body_bytes"].as_u64()), (200, Some(100)), "a complete upload goes through");
+    let (stalled, took) = upload(b"0123456789", 100);
+    assert_eq!(stalled.status, 408, "{stalled:?}");
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "timeouts.client is 500ms, took {took:?}");
+
+    // 64 MiB asked for and never read: the proxy's writes block, and it gives up.
+    let errors = || c.nodes[0].stats()["frontends"]["web"]["errors"].as_u64().unwrap();
+    let before = errors();
+    let mut s = connect(bind, None).unwrap();
+    s.write_all(b"GET /big?mb=64 HTTP/1.1\r\nHost: lb.test\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut received = Vec::new();
+    let _ = s.read_to_end(&mut received); // an end of stream or a reset: either way it ends
+    assert!(received.len() < 64 << 20, "the client got everything ({} bytes) though it read nothing for 2 s", received.len());
+    assert_eq!(errors(), before + 1, "the cut connection is counted");
+}
+
+#[test]
 fn an_oversized_head_gets_431_and_garbage_gets_400() {
     let c = Cluster::formed(1);
     let a = http_server("a", "127.0.0.1:0");

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,11 +34,13 @@ use crate::stats::Counters;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
+/// A connection to a server, carrying clients' requests.
+type Upstream = SendRequest<RequestBody>;
 
 /// Idle connections to one server, kept for reuse: one list per worker, as
 /// a connection belongs to the worker whose runtime drives it.
 pub struct Pool {
-    idle: Box<[Mutex<Vec<SendRequest<Incoming>>>]>,
+    idle: Box<[Mutex<Vec<Upstream>>]>,
 }
 
 /// Idle connections kept per server.
@@ -53,13 +55,13 @@ impl Pool {
         Pool { idle: (0..workers.max(1)).map(|_| Mutex::default()).collect() }
     }
 
-    fn mine(&self) -> &Mutex<Vec<SendRequest<Incoming>>> {
+    fn mine(&self) -> &Mutex<Vec<Upstream>> {
         &self.idle[workers::current() % self.idle.len()]
     }
 
     /// The most recently used open connection of this worker. It may still be
     /// finishing its last exchange: the caller waits for it to be ready.
-    fn take(&self) -> Option<SendRequest<Incoming>> {
+    fn take(&self) -> Option<Upstream> {
         let mut idle = self.mine().lock().expect("pool lock");
         while let Some(sender) = idle.pop() {
             if !sender.is_closed() {
@@ -69,7 +71,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, sender: SendRequest<Incoming>) {
+    fn put(&self, sender: Upstream) {
         let mut idle = self.mine().lock().expect("pool lock");
         if idle.len() < POOL_LIMIT && !sender.is_closed() {
             idle.push(sender);
@@ -133,7 +135,8 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         inner: stream.clone(),
         idle: idle_timeout,
         last_write: None,
-        idle_sleep: None,
+        idle_timer: IdleTimer::new(idle_timeout),
+        write_blocked: IdleTimer::new(rt.timeouts.client.get()),
         read_since_write: read_since_write.clone(),
         in_flight: in_flight.clone(),
         counters: fe.counters.clone(),
@@ -168,6 +171,7 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
             }
             let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Write);
         } else {
+            Counters::add(&fe.counters.errors, 1);
             tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
         }
     }
@@ -312,6 +316,13 @@ async fn route_and_forward(
     };
     let server_session = lease.state.counters.session();
     Counters::add(&be.counters.sessions_total, 1);
+    let client_stalled = Arc::new(AtomicBool::new(false));
+    let req = req.map(|body| RequestBody {
+        inner: body,
+        quiet: IdleTimer::new(rt.timeouts.client.get()),
+        stalled: client_stalled.clone(),
+        counters: [be.counters.clone(), lease.state.counters.clone()],
+    });
 
     let server_timeout = rt.timeouts.server.get();
     let mut response = match tokio::time::timeout(server_timeout, sender.try_send_request(req)).await {
@@ -329,6 +340,11 @@ async fn route_and_forward(
                 },
                 Err(_) => return bad_gateway(fe, &be, &lease),
             },
+            // The client stopped sending its request body for timeouts.client.
+            None if client_stalled.load(Relaxed) => {
+                Counters::add(&fe.counters.errors, 1);
+                return error_response(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
+            }
             None => return bad_gateway(fe, &be, &lease),
         },
         Err(_) => return gateway_timeout(fe, &be, &lease),
@@ -374,7 +390,7 @@ async fn route_and_forward(
     let counters = [be.counters.clone(), lease.state.counters.clone()];
     response.map(|body| {
         let done = Done { _lease: lease, _in_flight: in_flight, sender: pool_back };
-        ResponseBody { inner: body, idle: server_timeout, quiet_since: None, sleep: None, counters, done: Some(done) }.boxed()
+        ResponseBody { inner: body, quiet: IdleTimer::new(server_timeout), counters, done: Some(done) }.boxed()
     })
 }
 
@@ -393,7 +409,7 @@ fn gateway_timeout(fe: &FrontendRt, be: &BackendRt, lease: &Lease) -> Response<P
 }
 
 /// A new HTTP/1.1 connection to a server.
-async fn handshake(addr: SocketAddr, limit: Duration, upgrades: bool) -> std::io::Result<SendRequest<Incoming>> {
+async fn handshake(addr: SocketAddr, limit: Duration, upgrades: bool) -> std::io::Result<Upstream> {
     let stream = dial(addr, limit).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
     if upgrades {
@@ -485,7 +501,7 @@ fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 struct Done {
     _lease: Lease,
     _in_flight: InFlight,
-    sender: Option<SendRequest<Incoming>>,
+    sender: Option<Upstream>,
 }
 
 /// The server's response body on its way to the client: counts bytes, ends
@@ -493,10 +509,8 @@ struct Done {
 /// returns the connection to the pool once the body is complete.
 struct ResponseBody {
     inner: Incoming,
-    idle: Duration,
-    /// When the server's silence will have lasted `idle`; unset while data flows.
-    quiet_since: Option<tokio::time::Instant>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    /// The server's silence, limited to `timeouts.server`.
+    quiet: IdleTimer,
     counters: [Arc<Counters>; 2],
     done: Option<Done>,
 }
@@ -523,7 +537,7 @@ impl Body for ResponseBody {
                         Counters::add(&c.bytes_out, data.len() as u64);
                     }
                 }
-                this.quiet_since = None;
+                this.quiet.activity();
                 // hyper stops polling a body that says it ended (a Content-Length
                 // body after its last byte): finish here, not only on `None`.
                 if this.inner.is_end_stream() {
@@ -540,18 +554,12 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {
-                let idle = this.idle;
-                let deadline = *this.quiet_since.get_or_insert_with(|| tokio::time::Instant::now() + idle);
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if sleep.deadline() != deadline {
-                    sleep.as_mut().reset(deadline);
-                }
-                if sleep.as_mut().poll(cx).is_ready() {
+                if this.quiet.poll_quiet(cx).is_ready() {
                     this.done = None;
                     for c in &this.counters {
                         Counters::add(&c.errors, 1);
                     }
-                    return Poll::Ready(Some(Err(format!("the server sent nothing for {idle:?}").into())));
+                    return Poll::Ready(Some(Err(format!("the server sent nothing for {:?}", this.quiet.limit).into())));
                 }
                 Poll::Pending
             }
@@ -576,7 +584,9 @@ struct ClientIo {
     idle: Duration,
     /// When a response was last written; the idle keep-alive time runs from it.
     last_write: Option<tokio::time::Instant>,
-    idle_sleep: Option<Pin<Box<Sleep>>>,
+    idle_timer: IdleTimer,
+    /// A client that stops reading blocks our writes: `timeouts.client` ends it.
+    write_blocked: IdleTimer,
     read_since_write: Arc<AtomicU64>,
     in_flight: Arc<AtomicU64>,
     counters: Arc<Counters>,
@@ -615,11 +625,7 @@ impl ClientIo {
         if let Some(last) = self.last_write {
             if self.read_since_write.load(Relaxed) == 0 && self.in_flight.load(Relaxed) == 0 {
                 let deadline = last + self.idle;
-                let sleep = self.idle_sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if sleep.deadline() != deadline {
-                    sleep.as_mut().reset(deadline);
-                }
-                if sleep.as_mut().poll(cx).is_ready() {
+                if self.idle_timer.poll_until(deadline, cx).is_ready() {
                     return Poll::Ready(Ok(()));
                 }
             }
@@ -633,10 +639,21 @@ impl AsyncWrite for ClientIo {
         loop {
             match self.inner.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => {}
-                other => return other.map(|r| r.map(|()| 0)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if self.write_blocked.poll_quiet(cx).is_ready() {
+                        let limit = self.write_blocked.limit;
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the client read nothing for {limit:?}"),
+                        )));
+                    }
+                    return Poll::Pending;
+                }
             }
             match self.inner.try_write(data) {
                 Ok(n) => {
+                    self.write_blocked.activity();
                     if n > 0 {
                         self.read_since_write.store(0, Relaxed);
                         Counters::add(&self.counters.bytes_out, n as u64);
@@ -657,5 +674,86 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(socket2::SockRef::from(&*self.inner).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// A client's request body on its way to the server: counts bytes, and ends
+/// with an error when the client sends nothing for `timeouts.client` while
+/// the server waits for more (the server's own pace is not the client's
+/// fault: this body is only polled when the server connection takes data).
+struct RequestBody {
+    inner: Incoming,
+    quiet: IdleTimer,
+    /// Set when the client stalled, so the request is answered 408, not 502.
+    stalled: Arc<AtomicBool>,
+    counters: [Arc<Counters>; 2],
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    for c in &this.counters {
+                        Counters::add(&c.bytes_in, data.len() as u64);
+                    }
+                }
+                this.quiet.activity();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Pending => {
+                if this.quiet.poll_quiet(cx).is_ready() {
+                    this.stalled.store(true, Relaxed);
+                    return Poll::Ready(Some(Err(format!("the client sent nothing for {:?}", this.quiet.limit).into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An inactivity limit on one reused timer: quiet time starts at the first
+/// poll that finds nothing to do and ends at the next activity.
+struct IdleTimer {
+    limit: Duration,
+    deadline: Option<tokio::time::Instant>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        IdleTimer { limit, deadline: None, sleep: None }
+    }
+
+    fn activity(&mut self) {
+        self.deadline = None;
+    }
+
+    /// Ready once `limit` passed since the quiet time began.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = *self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.limit);
+        self.poll_until(deadline, cx)
+    }
+
+    /// Ready once `deadline` passed.
+    fn poll_until(&mut self, deadline: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx)
     }
 }
