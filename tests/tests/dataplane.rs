@@ -260,6 +260,70 @@ fn the_client_timeout_ends_a_stalled_upload_with_408_and_cuts_a_client_that_stop
 }
 
 #[test]
+fn a_frontend_at_maxconn_holds_new_clients_until_a_slot_frees() {
+    let c = Cluster::formed(1);
+    let a = tcp_server("a", "127.0.0.1:0");
+    let bind = front();
+    let spec = format!(
+        "frontends:\n  - {{ name: db, bind: [\"{bind}\"], mode: tcp, maxconn: 1, default_backend: db }}\nbackends:\n  - name: db\n    servers:\n{}",
+        servers_yaml(&[(&a, "")])
+    );
+    apply_spec(&c, 1, "maxconn.yaml", &spec);
+    let greet = |s: &std::net::TcpStream, within: Duration| {
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).map(|_| line)
+    };
+    let first = wait_for(Duration::from_secs(5), "the frontend", || connect(bind, None).ok());
+    assert_eq!(greet(&first, Duration::from_secs(2)).unwrap(), "hello from a\n");
+    // The kernel completes the handshake, but the node does not take the connection.
+    let second = connect(bind, None).unwrap();
+    assert!(greet(&second, Duration::from_millis(500)).is_err(), "a second client is served past maxconn 1");
+    drop(first);
+    assert_eq!(greet(&second, Duration::from_secs(2)).unwrap(), "hello from a\n", "served once the first left");
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_http_keep_alive() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    let spec = format!(
+        "defaults:\n  timeouts: {{ http_keep_alive: 300ms, http_request: 5s }}\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    servers:\n{}",
+        servers_yaml(&[(&a, "")])
+    );
+    apply_spec(&c, 1, "ka.yaml", &spec);
+    wait_serving(&c, bind);
+    let mut conn = KeepAlive::open(bind).unwrap();
+    assert_eq!(conn.get("/", &[]).unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(conn.get("/", &[]).unwrap().status, 200, "kept alive within the limit");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(conn.get("/", &[]).is_err(), "the idle connection was closed");
+}
+
+#[test]
+fn hop_by_hop_headers_stop_at_the_proxy_and_ipv6_frontends_serve() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, free_port()));
+    let spec = format!(
+        "frontends:\n  - {{ name: web, bind: [\"{v6}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    servers:\n{}",
+        servers_yaml(&[(&a, "")])
+    );
+    apply_spec(&c, 1, "v6.yaml", &spec);
+    let reply = wait_for(Duration::from_secs(5), "the IPv6 frontend", || {
+        get(v6, "/", &[("Connection", "X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"), ("X-End-To-End", "1")]).ok()
+    });
+    assert_eq!(reply.status, 200);
+    let h = &reply.json()["headers"];
+    assert_eq!(h["x-end-to-end"], "1");
+    for hop in ["x-hop", "keep-alive", "connection"] {
+        assert!(h.get(hop).is_none(), "{hop} reached the server: {h}");
+    }
+}
+
+#[test]
 fn an_oversized_head_gets_431_and_garbage_gets_400() {
     let c = Cluster::formed(1);
     let a = http_server("a", "127.0.0.1:0");
