@@ -9,6 +9,7 @@
 #   DURATION=30s CONNS=128 scripts/bench.sh
 #
 # Both proxies get THREADS threads (HAProxy nbthread, lbnode --threads).
+# LBNODE=path runs another lbnode binary (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 cargo build --profile ci --bins --quiet
+LBNODE=${LBNODE:-target/ci/lbnode}
 
 work=$(mktemp -d /tmp/raftlb-bench.XXXXXX)
 pids=()
@@ -80,7 +82,7 @@ CONF
 haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
 pids+=($!)
 
-RUST_LOG=warn target/ci/lbnode --threads "$THREADS" --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
+RUST_LOG=warn "$LBNODE" --threads "$THREADS" --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
 pids+=($!)
 lbctl() { target/ci/lbctl --endpoint 127.0.0.1:28200 "$@"; }
 for _ in $(seq 50); do lbctl cluster status >/dev/null 2>&1 && break; sleep 0.1; done
@@ -123,7 +125,7 @@ run() {
 }
 
 printf 'raftlb benchmark: %s per run, %s connections, %s wrk threads, %s proxy threads, %s cores\n' "$DURATION" "$CONNS" "$WRK_THREADS" "$THREADS" "$(nproc)"
-printf '%s\n\n' "$(haproxy -v | head -1 | cut -d' ' -f1-3); lbnode $(target/ci/lbnode --version | cut -d' ' -f2); $(nginx -v 2>&1 | cut -d' ' -f3) backend"
+printf '%s\n\n' "$(haproxy -v | head -1 | cut -d' ' -f1-3); lbnode $("$LBNODE" --version | cut -d' ' -f2); $(nginx -v 2>&1 | cut -d' ' -f3) backend"
 printf '%-22s %-8s %10s %9s %9s\n' scenario proxy "req/s" "p50 ms" "p99 ms"
 for scenario in "http-keepalive|28101|28201|" "http-close|28101|28201|-H Connection: close" "tcp|28102|28202|"; do
   IFS='|' read -r name hport lport extra <<<"$scenario"
