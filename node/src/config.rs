@@ -53,14 +53,17 @@ pub struct RaftTimings {
 }
 
 impl Default for RaftTimings {
+    /// The Raft crate's defaults, stated once there.
     fn default() -> Self {
+        let d = Settings::new(0, String::new(), PathBuf::new());
+        let ms = |t: std::time::Duration| Duration::from_millis(t.as_millis() as u64);
         RaftTimings {
-            heartbeat: Duration::from_millis(50),
-            election_timeout_min: Duration::from_millis(150),
-            election_timeout_max: Duration::from_millis(300),
-            write_timeout: Duration::from_secs(5),
-            snapshot_after: 1000,
-            logs_kept_after_snapshot: 100,
+            heartbeat: ms(d.heartbeat),
+            election_timeout_min: ms(d.election_timeout_min),
+            election_timeout_max: ms(d.election_timeout_max),
+            write_timeout: ms(d.write_timeout),
+            snapshot_after: d.snapshot_after,
+            logs_kept_after_snapshot: d.logs_kept_after_snapshot,
         }
     }
 }
