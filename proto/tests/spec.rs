@@ -97,6 +97,10 @@ fn bad_values_name_their_field() {
         ("backends:\n  - name: b\n    health_check: { type: tcp, rise: 0 }\n", "backends[0].health_check.rise: 0 is not a count"),
         ("backends:\n  - name: \"a b\"\n", "backends[0].name: \"a b\" is not a valid name"),
         (
+            "frontends:\n  - name: f\n    bind: [\"127.0.0.1:80\"]\n    mode: http\n    request_headers: { set: { X-A: \"a\\r\\nX-B: b\" } }\n",
+            "frontends[0].request_headers.set.X-A: \"a\\r\\nX-B: b\" holds a control character",
+        ),
+        (
             "frontends:\n  - name: f\n    bind: [\"127.0.0.1:80\"]\n    mode: http\n    rules:\n      - when: {}\n        deny: 403\n",
             "frontends[0].rules[0].when: names no condition",
         ),

@@ -43,6 +43,8 @@ pub struct Pool {
     idle: Box<[Mutex<Vec<Upstream>>]>,
 }
 
+const NO_SERVER: &str = "No server is available to handle this request.";
+
 /// Idle connections kept per server.
 const POOL_LIMIT: usize = 256;
 /// How long a pooled connection may take to be ready before a new one is opened.
@@ -124,7 +126,8 @@ impl Drop for InFlight {
 /// Serves one client connection until it closes.
 pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let Some(rt) = runtime.borrow().clone() else { return };
-    let (head_timeout, idle_timeout) = (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get());
+    let (head_timeout, idle_timeout, client_timeout) =
+        (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get(), rt.timeouts.client.get());
     // The socket is shared with the connection's I/O: hyper gives up the
     // connection when a request head times out, and HAProxy's answer to that
     // is a 408, written here on the same socket.
@@ -136,7 +139,7 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         idle: idle_timeout,
         last_write: None,
         idle_timer: IdleTimer::new(idle_timeout),
-        write_blocked: IdleTimer::new(rt.timeouts.client.get()),
+        write_blocked: IdleTimer::new(client_timeout),
         read_since_write: read_since_write.clone(),
         in_flight: in_flight.clone(),
         counters: fe.counters.clone(),
@@ -154,32 +157,46 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
         .await;
-    if let Err(e) = result {
+    match result {
         // A head that started but did not finish in time: answer 408, as HAProxy does.
-        // An idle keep-alive connection that times out is closed without a word.
-        if e.is_timeout() && read_since_write.load(Relaxed) > 0 {
+        Err(e) if e.is_timeout() && read_since_write.load(Relaxed) > 0 => {
             Counters::add(&fe.counters.errors, 1);
             fe.counters.response(408);
             let reply = canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
-            let mut sent = 0;
-            while sent < reply.len() && stream.writable().await.is_ok() {
-                match stream.try_write(&reply[sent..]) {
-                    Ok(n) => sent += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
-                }
-            }
+            // Bounded: a client that reads nothing does not keep the connection.
+            let _ = tokio::time::timeout(client_timeout, write_all(&stream, &reply)).await;
             let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Write);
-        } else {
+        }
+        // An idle keep-alive connection that timed out is closed without a word.
+        Err(e) if e.is_timeout() => {}
+        Err(e) => {
             Counters::add(&fe.counters.errors, 1);
             tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
         }
+        Ok(()) => {}
     }
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The page of an error answer, as HAProxy words them.
+fn error_page(status: StatusCode, text: &str) -> String {
+    format!("<html><body><h1>{} {}</h1>\n{text}\n</body></html>\n", status.as_u16(), status.canonical_reason().unwrap_or(""))
 }
 
 /// A whole HTTP/1.1 error response, for the one case written outside hyper.
 fn canned(status: StatusCode, text: &str) -> Vec<u8> {
-    let body = format!("<html><body><h1>{} {}</h1>\n{text}\n</body></html>\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let body = error_page(status, text);
     format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/html\r\ncontent-length: {}\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n{body}",
         status.as_u16(),
@@ -190,7 +207,7 @@ fn canned(status: StatusCode, text: &str) -> Vec<u8> {
 }
 
 fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
-    let body = format!("<html><body><h1>{} {}</h1>\n{text}\n</body></html>\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let body = error_page(status, text);
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/html")
@@ -204,10 +221,10 @@ async fn handle(client: &Client, req: Request<Incoming>) -> Response<ProxyBody> 
     let in_flight = InFlight::new(&client.in_flight);
     // Each request is served with the spec in force when it arrives.
     let Some(rt) = client.current() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request.");
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER);
     };
     let Some(fe) = rt.by_bind.get(&client.local).cloned() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request.");
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER);
     };
     let response = route_and_forward(&rt, &fe, client, req, first, in_flight).await;
     fe.counters.response(response.status().as_u16());
@@ -261,9 +278,9 @@ async fn route_and_forward(
         }
         Route::Backend(name) => match rt.backends.get(name) {
             Some(be) => be.clone(),
-            None => return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request."),
+            None => return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER),
         },
-        Route::Nowhere => return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request."),
+        Route::Nowhere => return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER),
     };
     let upgrade = wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -311,7 +328,7 @@ async fn route_and_forward(
         Ok(got) => got,
         Err(Failure::NoServer(_)) | Err(Failure::Connect) => {
             Counters::add(&fe.counters.errors, 1);
-            return error_response(StatusCode::SERVICE_UNAVAILABLE, "No server is available to handle this request.");
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER);
         }
     };
     let server_session = lease.state.counters.session();

@@ -212,8 +212,14 @@ fn check_frontend(f: &mut Findings, path: &str, fe: &Frontend, backends: &BTreeS
         }
     }
     if let Some(edits) = &fe.request_headers {
-        for name in edits.set.keys() {
+        for (name, value) in &edits.set {
             check_header_name(f, format!("{path}.request_headers.set.{name}"), name);
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                f.add(
+                    format!("{path}.request_headers.set.{name}"),
+                    format!("{value:?} holds a control character: a header value is one line of text"),
+                );
+            }
         }
         for (i, name) in edits.delete.iter().enumerate() {
             check_header_name(f, format!("{path}.request_headers.delete[{i}]"), name);
