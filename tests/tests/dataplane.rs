@@ -201,6 +201,25 @@ fn an_invalid_server_response_gives_502_and_no_server_gives_503() {
 }
 
 #[test]
+fn without_redispatch_a_retry_stays_on_the_refusing_server() {
+    let c = Cluster::formed(1);
+    let good = http_server("good", "127.0.0.1:0");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let bind = front();
+    let spec = format!(
+        "defaults:\n  retries: 2\n  redispatch: false\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    balance: roundrobin\n    servers:\n      - {{ name: dead, address: \"{dead}\" }}\n{}",
+        servers_yaml(&[(&good, "")])
+    );
+    apply_spec(&c, 1, "noredispatch.yaml", &spec);
+    let statuses: Vec<u16> = (0..20).map(|_| wait_for(Duration::from_secs(5), "an answer", || get(bind, "/", &[]).ok()).status).collect();
+    // Round robin alternates; the requests it gives the dead server fail after their retries.
+    assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 10, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
+    let app = &c.nodes[0].stats()["backends"]["app"];
+    assert_eq!((app["retries"].as_u64(), app["redispatches"].as_u64()), (Some(20), Some(0)), "{app}");
+}
+
+#[test]
 fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_client_gets_408() {
     let c = Cluster::formed(1);
     let a = http_server("a", "127.0.0.1:0");

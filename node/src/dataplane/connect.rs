@@ -32,9 +32,9 @@ where
     Fut: Future<Output = std::io::Result<T>>,
 {
     let mut exclude = Vec::new();
-    let mut prefer = prefer;
+    let mut prefer = prefer.map(str::to_owned);
     for n in 0..=rt.retries {
-        let (index, lease) = be.lease(src, prefer, &exclude, rt.timeouts.queue.get()).await.map_err(Failure::NoServer)?;
+        let (index, lease) = be.lease(src, prefer.as_deref(), &exclude, rt.timeouts.queue.get()).await.map_err(Failure::NoServer)?;
         match attempt(&lease.state).await {
             Ok(value) => return Ok((index, lease, value)),
             Err(e) => {
@@ -50,6 +50,9 @@ where
                     Counters::add(&be.counters.redispatches, 1);
                     exclude.push(index);
                     prefer = None;
+                } else {
+                    // Without redispatch a retry goes to the same server, as in HAProxy.
+                    prefer = Some(lease.state.name.clone());
                 }
             }
         }
