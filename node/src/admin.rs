@@ -69,11 +69,7 @@ impl AdminService {
             None if state.configs.is_empty() => {
                 Err(Status::not_found("no spec has been applied yet: apply one with `lbctl config apply -f FILE`"))
             }
-            None => Err(Status::not_found(format!(
-                "config version {version} is not in the history: versions {} to {} are kept",
-                state.configs.front().map_or(0, |c| c.version),
-                state.config_version()
-            ))),
+            None => Err(Status::not_found(state.unknown_version(version))),
         }
     }
 

@@ -126,7 +126,8 @@ impl ClusterState {
         CommandResult::Config { version, changed: true }
     }
 
-    fn unknown_version(&self, version: u64) -> String {
+    /// Why `version` cannot be found, for every place that looks one up.
+    pub fn unknown_version(&self, version: u64) -> String {
         match (self.configs.front(), self.configs.back()) {
             (Some(first), Some(last)) => format!(
                 "config version {version} is not in the history: versions {} to {} are kept (see lbctl config history)",
