@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,6 +94,8 @@ pub struct MemberStatus {
     pub role: MemberRole,
     pub version: String,
     pub drain: bool,
+    /// False while the member's self-check fails.
+    pub serving: bool,
     /// Since the last Raft message between this node and the member; `None`
     /// for this node itself and for members it never exchanged one with.
     pub last_contact: Option<Duration>,
@@ -109,6 +112,11 @@ pub struct Status {
     pub last_applied: u64,
     pub members: Vec<MemberStatus>,
 }
+
+/// How long a node goes without a sign of a quorum (a leader that heard from
+/// a quorum; a follower that heard from its leader) before it says it has
+/// none: several election timeouts, so one lost heartbeat is not a loss.
+pub const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 
 /// What only the leader may run; followers forward it over the transport.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +142,10 @@ struct Inner {
     raft: Raft,
     peers: Arc<Peers>,
     applied: watch::Receiver<Arc<Applied>>,
+    /// Set while this node must not lead (its data plane fails): it does not
+    /// stand for election, and as leader it stops heartbeats and writes so
+    /// that a follower takes over.
+    held_back: AtomicBool,
 }
 
 impl Cluster {
@@ -162,7 +174,7 @@ impl Cluster {
         let raft = Raft::new(node, Arc::new(config), Network { peers: peers.clone() }, log, sm)
             .await
             .map_err(|e| ClusterError::Fatal { node, reason: e.to_string() })?;
-        let cluster = Cluster { inner: Arc::new(Inner { settings, raft, peers, applied }) };
+        let cluster = Cluster { inner: Arc::new(Inner { settings, raft, peers, applied, held_back: AtomicBool::new(false) }) };
         tokio::spawn(cluster.clone().log_leadership());
         tokio::spawn(cluster.clone().report_version());
         Ok(cluster)
@@ -315,6 +327,10 @@ impl Cluster {
     /// Runs an operation on this node, which must be the leader. Bounded by
     /// the write timeout: a leader without quorum answers instead of hanging.
     pub(crate) async fn run_as_leader(&self, op: LeaderOp) -> Result<LeaderReply, ClusterError> {
+        if self.inner.held_back.load(Relaxed) {
+            // A write would be replicated and keep the followers from electing.
+            return Err(ClusterError::NotLeader { node: self.id() });
+        }
         let timeout = self.inner.settings.write_timeout;
         match tokio::time::timeout(timeout, self.execute(op)).await {
             Ok(result) => result,
@@ -441,6 +457,7 @@ impl Cluster {
                     role,
                     version: info.map(|i| i.version.clone()).unwrap_or_default(),
                     drain: info.is_some_and(|i| i.drain),
+                    serving: info.is_none_or(|i| i.serving),
                     last_contact: if id == me { None } else { self.inner.peers.last_contact(id) },
                 }
             })
@@ -454,6 +471,66 @@ impl Cluster {
             config_version: applied.state.config_version(),
             last_applied: m.last_applied.map_or(0, |l| l.index),
             members,
+        }
+    }
+
+    /// Whether this node has a recent sign of a quorum: as leader, a quorum
+    /// acknowledged it within [`QUORUM_LOST_AFTER`]; as follower, it heard
+    /// from its leader within that time.
+    pub fn has_quorum(&self) -> bool {
+        let m = self.metrics();
+        let me = self.id();
+        match m.current_leader {
+            Some(leader) if leader == me => {
+                m.membership_config.membership().voter_ids().count() == 1
+                    || m.millis_since_quorum_ack.is_some_and(|ms| ms < QUORUM_LOST_AFTER.as_millis() as u64)
+            }
+            Some(leader) => self.inner.peers.last_contact(leader).is_some_and(|d| d < QUORUM_LOST_AFTER),
+            None => false,
+        }
+    }
+
+    /// Keeps this node from leading while `on`: it stops standing for
+    /// election and, if it leads, stops its heartbeats and refuses writes,
+    /// so the followers elect another leader after their election timeout.
+    /// Off again, it takes part in elections as before.
+    pub fn hold_back(&self, on: bool) {
+        if self.inner.held_back.swap(on, Relaxed) == on {
+            return;
+        }
+        let config = self.inner.raft.runtime_config();
+        config.elect(!on);
+        config.heartbeat(!on);
+        if on {
+            tracing::warn!("this node stops standing for leadership");
+            tokio::spawn(self.clone().resume_heartbeats_after_stepping_down());
+        } else {
+            tracing::info!("this node stands for leadership again");
+        }
+    }
+
+    /// The leader this node knows of, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_held_back(&self) -> bool {
+        self.inner.held_back.load(Relaxed)
+    }
+
+    /// Heartbeats were stopped to hand leadership over; once another node
+    /// leads they are needed again for the time this node might lead anew.
+    async fn resume_heartbeats_after_stepping_down(self) {
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            let leads = metrics.borrow_and_update().current_leader == Some(self.id());
+            if !leads || !self.is_held_back() {
+                self.inner.raft.runtime_config().heartbeat(true);
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
         }
     }
 

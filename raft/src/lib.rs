@@ -4,6 +4,7 @@
 
 mod cluster;
 mod error;
+pub mod health;
 mod network;
 mod service;
 pub mod state;
@@ -13,6 +14,7 @@ use std::io::Cursor;
 
 pub use cluster::{Cluster, MemberRole, MemberStatus, Membership, Settings, Status};
 pub use error::ClusterError;
+pub use health::{AdminState, HealthState, ObservedChange, ServerHealth};
 pub use state::{ClusterState, Command, CommandResult, ConfigVersion, NodeInfo};
 pub use store::Applied;
 

@@ -2,13 +2,14 @@
 //! is pure data: the stores persist it, the Raft group orders the commands,
 //! and every node applies the same commands in the same order.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use openraft::{BasicNode, Membership};
-use raftlb_proto::spec::Spec;
+use raftlb_proto::spec::{HealthPolicy, Spec};
 use serde::{Deserialize, Serialize};
 
+use crate::health::{AdminState, HealthState, ObservedChange};
 use crate::NodeId;
 
 /// How many applied spec versions are kept for `config history` and rollback.
@@ -24,6 +25,12 @@ pub enum Command {
     Rollback { version: u64, at_ms: u64 },
     /// A member reports the software version it runs (at start, so after an upgrade).
     ReportNode { id: NodeId, version: String },
+    /// A node's health checks settled on new states for these servers.
+    Observe { node: NodeId, changes: Vec<ObservedChange>, at_ms: u64 },
+    /// The operator puts a server in maintenance, drains it, or makes it ready.
+    SetServerAdmin { backend: String, server: String, state: AdminState, at_ms: u64 },
+    /// A node's self-check of its own frontends passed or failed.
+    ReportServing { id: NodeId, serving: bool },
 }
 
 /// What applying a command did.
@@ -58,6 +65,13 @@ pub struct NodeInfo {
     pub version: String,
     /// Set while the node is drained for maintenance.
     pub drain: bool,
+    /// False while the node's self-check finds its own frontends failing.
+    #[serde(default = "yes")]
+    pub serving: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -66,6 +80,11 @@ pub struct ClusterState {
     pub configs: VecDeque<ConfigVersion>,
     /// The node registry: exactly the members of the Raft group.
     pub nodes: BTreeMap<NodeId, NodeInfo>,
+    /// The voting members, whose health observations count.
+    #[serde(default)]
+    pub voters: BTreeSet<NodeId>,
+    #[serde(default)]
+    pub health: HealthState,
 }
 
 impl ClusterState {
@@ -83,6 +102,11 @@ impl ClusterState {
         self.configs.iter().find(|c| c.version == version)
     }
 
+    /// The health policy of the spec in force.
+    pub fn health_policy(&self) -> HealthPolicy {
+        self.current().map(|c| c.spec.health.policy).unwrap_or_default()
+    }
+
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
             Command::ApplySpec { spec, at_ms } => self.push_config(spec.clone(), *at_ms, None),
@@ -95,9 +119,56 @@ impl ClusterState {
                     node.version.clone_from(version);
                     CommandResult::Done
                 }
-                None => CommandResult::Rejected(format!("node {id} is not a member of the cluster")),
+                None => CommandResult::Rejected(not_a_member(*id)),
+            },
+            Command::Observe { node, changes, at_ms } => {
+                if !self.nodes.contains_key(node) {
+                    return CommandResult::Rejected(not_a_member(*node));
+                }
+                let policy = self.health_policy();
+                self.health.observe(*node, changes, policy, &self.voters, *at_ms);
+                CommandResult::Done
+            }
+            Command::SetServerAdmin { backend, server, state, at_ms } => {
+                if let Err(why) = self.server_exists(backend, server) {
+                    return CommandResult::Rejected(why);
+                }
+                let health = self
+                    .health
+                    .backends
+                    .get_mut(backend)
+                    .and_then(|b| b.get_mut(server))
+                    .expect("every server of the spec has a health entry");
+                if health.admin != *state {
+                    health.admin = *state;
+                    health.admin_since_ms = *at_ms;
+                }
+                CommandResult::Done
+            }
+            Command::ReportServing { id, serving } => match self.nodes.get_mut(id) {
+                Some(node) => {
+                    node.serving = *serving;
+                    CommandResult::Done
+                }
+                None => CommandResult::Rejected(not_a_member(*id)),
             },
         }
+    }
+
+    /// Whether the spec in force has this server; the error names what it has.
+    pub fn server_exists(&self, backend: &str, server: &str) -> Result<(), String> {
+        let Some(spec) = self.current().map(|c| &c.spec) else {
+            return Err("no spec has been applied yet: apply one with `lbctl config apply -f FILE`".to_owned());
+        };
+        let Some(b) = spec.backends.iter().find(|b| b.name == backend) else {
+            let names: Vec<&str> = spec.backends.iter().map(|b| b.name.as_str()).collect();
+            return Err(format!("there is no backend `{backend}`: the backends are {}", names.join(", ")));
+        };
+        if !b.servers.iter().any(|s| s.name == server) {
+            let names: Vec<&str> = b.servers.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!("backend `{backend}` has no server `{server}`: its servers are {}", names.join(", ")));
+        }
+        Ok(())
     }
 
     /// Keeps the registry equal to the membership: members that joined appear
@@ -105,11 +176,20 @@ impl ClusterState {
     pub fn apply_membership(&mut self, membership: &Membership<NodeId, BasicNode>) {
         let members: BTreeMap<NodeId, &BasicNode> = membership.nodes().map(|(id, n)| (*id, n)).collect();
         self.nodes.retain(|id, _| members.contains_key(id));
-        for (id, node) in members {
-            let entry =
-                self.nodes.entry(id).or_insert_with(|| NodeInfo { id, addr: node.addr.clone(), version: String::new(), drain: false });
+        for (id, node) in &members {
+            let entry = self.nodes.entry(*id).or_insert_with(|| NodeInfo {
+                id: *id,
+                addr: node.addr.clone(),
+                version: String::new(),
+                drain: false,
+                serving: true,
+            });
             entry.addr.clone_from(&node.addr);
         }
+        self.voters = membership.voter_ids().collect();
+        let ids: BTreeSet<NodeId> = members.keys().copied().collect();
+        let policy = self.health_policy();
+        self.health.retain_nodes(&ids, policy, &self.voters);
     }
 
     fn push_config(&mut self, spec: Arc<Spec>, at_ms: u64, rollback_of: Option<u64>) -> CommandResult {
@@ -119,6 +199,7 @@ impl ClusterState {
             }
         }
         let version = self.config_version() + 1;
+        self.health.sync(&spec, &self.voters, at_ms);
         self.configs.push_back(ConfigVersion { version, spec, applied_at_ms: at_ms, rollback_of });
         while self.configs.len() > CONFIG_HISTORY {
             self.configs.pop_front();
@@ -138,9 +219,14 @@ impl ClusterState {
     }
 }
 
+fn not_a_member(id: NodeId) -> String {
+    format!("node {id} is not a member of the cluster")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::{AdminState, ObservedChange};
 
     fn spec(backend: &str) -> Arc<Spec> {
         let yaml = format!("backends:\n  - name: {backend}\n    servers: []\n");
@@ -202,5 +288,67 @@ mod tests {
         assert_eq!(st.nodes.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(st.nodes[&2].version, "0.1.0", "a member that stays keeps what it reported");
         assert!(matches!(st.apply(&Command::ReportNode { id: 1, version: "x".into() }), CommandResult::Rejected(_)));
+    }
+
+    fn three_voters() -> ClusterState {
+        let mut st = ClusterState::default();
+        let nodes: BTreeMap<u64, BasicNode> = (1..=3).map(|i| (i, BasicNode::new(format!("127.0.0.1:{i}")))).collect();
+        st.apply_membership(&Membership::new(vec![[1, 2, 3].into()], nodes));
+        let yaml =
+            "backends:\n  - name: web\n    health_check: { type: tcp }\n    servers:\n      - { name: a, address: \"127.0.0.1:1\" }\n";
+        st.apply(&Command::ApplySpec { spec: Arc::new(Spec::from_yaml(yaml).unwrap()), at_ms: 1 });
+        st
+    }
+
+    fn observe(st: &mut ClusterState, node: NodeId, up: bool, at_ms: u64) {
+        let change = ObservedChange { backend: "web".into(), server: "a".into(), up, since_ms: at_ms, detail: String::new() };
+        assert_eq!(st.apply(&Command::Observe { node, changes: vec![change], at_ms }), CommandResult::Done);
+    }
+
+    #[test]
+    fn a_server_goes_down_when_a_majority_of_voters_sees_it_down() {
+        let mut st = three_voters();
+        let a = |st: &ClusterState| st.health.server("web", "a").unwrap().clone();
+        assert!(a(&st).up, "a new server starts up");
+        observe(&mut st, 1, false, 10);
+        assert!(a(&st).up, "one node of three");
+        observe(&mut st, 2, false, 20);
+        assert!(!a(&st).up);
+        assert_eq!((a(&st).since_ms, a(&st).transitions), (20, 1));
+        observe(&mut st, 2, false, 30);
+        assert_eq!(a(&st).transitions, 1, "a repeated report changes nothing");
+        // Node 2 leaves: node 1 alone of two voters sees it down.
+        let nodes: BTreeMap<u64, BasicNode> = [1, 3].iter().map(|i| (*i, BasicNode::new(format!("127.0.0.1:{i}")))).collect();
+        st.apply_membership(&Membership::new(vec![[1, 3].into()], nodes));
+        assert!(!a(&st).observations.contains_key(&2));
+        assert!(a(&st).up, "one of two is no majority");
+        assert_eq!(a(&st).transitions, 2);
+    }
+
+    #[test]
+    fn operator_states_need_a_known_server_and_survive_a_spec_change() {
+        let mut st = three_voters();
+        let set = |backend: &str, server: &str, state| Command::SetServerAdmin {
+            backend: backend.into(),
+            server: server.into(),
+            state,
+            at_ms: 5,
+        };
+        assert_eq!(st.apply(&set("web", "a", AdminState::Maint)), CommandResult::Done);
+        let before = st.clone();
+        match st.apply(&set("web", "zz", AdminState::Drain)) {
+            CommandResult::Rejected(msg) => assert!(msg.contains("backend `web` has no server `zz`: its servers are a"), "{msg}"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        match st.apply(&set("nope", "a", AdminState::Drain)) {
+            CommandResult::Rejected(msg) => assert!(msg.contains("there is no backend `nope`"), "{msg}"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        assert_eq!(st, before);
+        let yaml = "backends:\n  - name: web\n    servers:\n      - { name: a, address: \"127.0.0.1:2\" }\n";
+        st.apply(&Command::ApplySpec { spec: Arc::new(Spec::from_yaml(yaml).unwrap()), at_ms: 9 });
+        let a = st.health.server("web", "a").unwrap();
+        assert_eq!(a.admin, AdminState::Maint, "the operator's state is about the name");
+        assert!(a.up && !a.checked && a.observations.is_empty(), "a new address and no check start afresh");
     }
 }
