@@ -6,7 +6,9 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use nix::sys::socket::setsockopt;
+use nix::sys::socket::sockopt::IpBindAddressNoPort;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::runtime::{BackendRt, Lease, NoServer, Runtime, ServerState};
 use crate::stats::Counters;
@@ -60,9 +62,23 @@ where
     Err(Failure::Connect)
 }
 
-/// A TCP connection to `addr` within `limit`, with Nagle off.
-pub async fn dial(addr: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(limit, TcpStream::connect(addr))
+/// A TCP connection to `addr` within `limit`, from `source` if given, with Nagle off.
+pub async fn dial(addr: SocketAddr, source: Option<IpAddr>, limit: Duration) -> std::io::Result<TcpStream> {
+    let connect = async {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(ip) = source.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+            // The port is chosen at connect time (shared where the 4-tuple
+            // allows), not reserved at bind; and a connection's TIME_WAIT does
+            // not keep a listener off its port. As HAProxy's `source` does.
+            setsockopt(&socket, IpBindAddressNoPort, &true)?;
+            socket.set_reuseaddr(true)?;
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind the source address {ip}: {e}")))?;
+        }
+        socket.connect(addr).await
+    };
+    let stream = tokio::time::timeout(limit, connect)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no connection to {addr} within {limit:?}")))??;
     stream.set_nodelay(true)?;

@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -308,7 +308,7 @@ async fn route_and_forward(
         HttpReuse::Safe => !first,
         HttpReuse::Always => true,
     } && !upgrade;
-    let connect_timeout = rt.timeouts.connect.get();
+    let (connect_timeout, source) = (rt.timeouts.connect.get(), rt.source);
     let got = with_retries(rt, &be, client.peer.ip(), cookie_server.as_deref(), |server| {
         let pooled = if reuse { server.pool.take() } else { None };
         let addr = server.addr;
@@ -320,7 +320,7 @@ async fn route_and_forward(
                     return Ok(sender);
                 }
             }
-            handshake(addr, connect_timeout, upgrade).await
+            handshake(addr, source, connect_timeout, upgrade).await
         }
     })
     .await;
@@ -346,7 +346,7 @@ async fn route_and_forward(
         Ok(Ok(resp)) => resp,
         Ok(Err(mut e)) => match e.take_message() {
             // A pooled connection the server had closed: the request was not sent, so a fresh connection may carry it.
-            Some(req) => match handshake(lease.state.addr, connect_timeout, upgrade).await {
+            Some(req) => match handshake(lease.state.addr, source, connect_timeout, upgrade).await {
                 Ok(mut fresh) => match tokio::time::timeout(server_timeout, fresh.send_request(req)).await {
                     Ok(Ok(resp)) => {
                         sender = fresh;
@@ -426,8 +426,8 @@ fn gateway_timeout(fe: &FrontendRt, be: &BackendRt, lease: &Lease) -> Response<P
 }
 
 /// A new HTTP/1.1 connection to a server.
-async fn handshake(addr: SocketAddr, limit: Duration, upgrades: bool) -> std::io::Result<Upstream> {
-    let stream = dial(addr, limit).await?;
+async fn handshake(addr: SocketAddr, source: Option<IpAddr>, limit: Duration, upgrades: bool) -> std::io::Result<Upstream> {
+    let stream = dial(addr, source, limit).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
     if upgrades {
         tokio::spawn(async move {

@@ -5,7 +5,7 @@
 //! they started with (TCP) or the one their request arrived under (HTTP).
 //! Nothing here waits on Raft: without quorum the last committed spec serves.
 
-mod connect;
+pub mod connect;
 mod http;
 mod pipe;
 mod proxy_protocol;
@@ -38,6 +38,11 @@ pub struct DataPlane {
 impl DataPlane {
     pub fn new(shared: Arc<Shared>, workers: Arc<Workers>, rewrite: BindRewrite) -> Self {
         DataPlane { shared, workers, rewrite, runtime: watch::channel(None).0, listeners: HashMap::new() }
+    }
+
+    /// The spec version in force, compiled, as it changes.
+    pub fn subscribe(&self) -> RuntimeWatch {
+        self.runtime.subscribe()
     }
 
     /// Serves every spec version the cluster commits, until the node stops.
@@ -77,6 +82,7 @@ impl DataPlane {
             if !keep {
                 // Stops accepting; the connections it accepted run in their own tasks and finish.
                 task.abort();
+                self.shared.listening.lock().expect("listening lock").remove(addr);
                 tracing::info!(%addr, "stopped listening");
             }
             keep
@@ -90,6 +96,7 @@ impl DataPlane {
                     tracing::info!(%addr, "listening");
                     let task = accept_loop(listener, addr, self.runtime.subscribe(), self.workers.clone());
                     self.listeners.insert(addr, tokio::spawn(task));
+                    self.shared.listening.lock().expect("listening lock").insert(addr);
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "cannot listen on a frontend address; retrying every second"),
             }

@@ -4,14 +4,15 @@
 //! counters, maxconn slots) lives in [`Shared`] and is found again by name,
 //! so a new version takes over without losing track of the traffic in flight.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raftlb_proto::spec::{Backend, Frontend, Server, Spec, Timeouts};
+use raftlb_raft::AdminState;
 use tokio::sync::{Notify, Semaphore};
 
 use super::http::Pool;
@@ -27,6 +28,8 @@ pub type BindRewrite = HashMap<IpAddr, IpAddr>;
 
 pub struct Runtime {
     pub timeouts: Timeouts,
+    /// The source address of connections to servers (the node config's `source`).
+    pub source: Option<IpAddr>,
     pub retries: u32,
     pub redispatch: bool,
     /// The node-wide connection limit (`defaults.maxconn`).
@@ -61,10 +64,36 @@ pub struct ServerState {
     pub name: String,
     pub addr: SocketAddr,
     pub active: AtomicU64,
-    /// Set by health checks; a server without checks is up.
+    /// Set from the health view the node routes by; a server without checks is up.
     pub up: AtomicBool,
+    /// The operator's state, an [`AdminState`] as set by [`ServerState::set_admin`].
+    admin: AtomicU8,
     pub counters: Arc<Counters>,
     pub pool: Pool,
+}
+
+impl ServerState {
+    pub fn admin(&self) -> AdminState {
+        match self.admin.load(Relaxed) {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+
+    pub fn set_admin(&self, state: AdminState) {
+        let n = match state {
+            AdminState::Ready => 0,
+            AdminState::Drain => 1,
+            AdminState::Maint => 2,
+        };
+        self.admin.store(n, Relaxed);
+    }
+
+    /// Up and not in maintenance: it may serve clients that persist on it.
+    fn serves(&self) -> bool {
+        self.up.load(Relaxed) && self.admin() != AdminState::Maint
+    }
 }
 
 /// What a backend keeps across versions.
@@ -82,6 +111,10 @@ pub struct BackendShared {
 #[derive(Default)]
 pub struct Shared {
     pub stats: Arc<Stats>,
+    /// The node config's source address for connections to servers.
+    pub source: Option<IpAddr>,
+    /// The frontend addresses this node listens on now, for its self-check.
+    pub listening: Mutex<HashSet<SocketAddr>>,
     /// Data plane workers: each server keeps a connection pool per worker.
     workers: usize,
     servers: Mutex<HashMap<(String, String, SocketAddr), Arc<ServerState>>>,
@@ -90,8 +123,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(workers: usize) -> Self {
-        Shared { workers, ..Default::default() }
+    pub fn new(workers: usize, source: Option<IpAddr>) -> Self {
+        Shared { workers, source, ..Default::default() }
     }
 
     fn slots(&self, key: &str, n: u64) -> Arc<Semaphore> {
@@ -125,6 +158,7 @@ impl Shared {
         }
         Runtime {
             timeouts: spec.defaults.timeouts.clone(),
+            source: self.source,
             retries: spec.defaults.retries,
             redispatch: spec.defaults.redispatch,
             node_slots: self.slots("node", spec.defaults.maxconn.0),
@@ -150,6 +184,7 @@ impl Shared {
                             addr: s.address.0,
                             active: AtomicU64::new(0),
                             up: AtomicBool::new(true),
+                            admin: AtomicU8::new(0),
                             counters: self.stats.server(&b.name, &s.name),
                             pool: Pool::new(self.workers),
                         })
@@ -246,11 +281,11 @@ impl BackendRt {
     }
 
     fn try_pick(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize]) -> Pick {
-        let up: Vec<usize> = (0..self.servers.len()).filter(|i| !exclude.contains(i) && self.servers[*i].state.up.load(Relaxed)).collect();
+        let up: Vec<usize> = (0..self.servers.len()).filter(|i| !exclude.contains(i) && self.servers[*i].state.serves()).collect();
         // Backup servers serve only while no other server is up.
         let primaries = up.iter().any(|i| !self.servers[*i].spec.backup);
         let pool: Vec<usize> = up.into_iter().filter(|i| self.servers[*i].spec.backup != primaries).collect();
-        // A persistent client may stay on a drained (weight 0) server.
+        // A persistent client may stay on a drained server (weight 0, or drained by the operator).
         if let Some(name) = prefer {
             if let Some(i) = pool.iter().copied().find(|i| self.servers[*i].spec.name == name) {
                 if let Some(lease) = self.reserve(i) {
@@ -258,7 +293,11 @@ impl BackendRt {
                 }
             }
         }
-        let open: Vec<usize> = pool.iter().copied().filter(|i| self.servers[*i].spec.weight > 0).collect();
+        let open: Vec<usize> = pool
+            .iter()
+            .copied()
+            .filter(|i| self.servers[*i].spec.weight > 0 && self.servers[*i].state.admin() == AdminState::Ready)
+            .collect();
         if open.is_empty() {
             return Pick::NoneUp;
         }
@@ -359,6 +398,23 @@ mod tests {
         assert_eq!(pick(&be, Some("drained")).await.unwrap(), "drained", "a cookie or stick entry still reaches it");
         set_up(&be, "drained", false);
         assert_eq!(pick(&be, Some("drained")).await.unwrap(), "a", "not once it is down");
+    }
+
+    #[tokio::test]
+    async fn maintenance_takes_no_traffic_and_an_operator_drain_only_persistent_clients() {
+        let be = backend("      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n");
+        let state = |name: &str| be.servers.iter().find(|s| s.spec.name == name).unwrap().state.clone();
+        state("b").set_admin(AdminState::Drain);
+        for _ in 0..20 {
+            assert_eq!(pick(&be, None).await.unwrap(), "a");
+        }
+        assert_eq!(pick(&be, Some("b")).await.unwrap(), "b", "a persistent client stays on a draining server");
+        state("b").set_admin(AdminState::Maint);
+        assert_eq!(pick(&be, Some("b")).await.unwrap(), "a", "not on one in maintenance");
+        state("a").set_admin(AdminState::Maint);
+        assert_eq!(pick(&be, None).await, Err(NoServer::NoneUp));
+        state("a").set_admin(AdminState::Ready);
+        assert_eq!(pick(&be, None).await.unwrap(), "a");
     }
 
     #[test]

@@ -19,10 +19,10 @@ pub async fn serve(rt: Arc<Runtime>, fe: Arc<FrontendRt>, client: TcpStream, pee
         return;
     };
     let _session = be.counters.session();
-    let connect_timeout = rt.timeouts.connect.get();
+    let (connect_timeout, source) = (rt.timeouts.connect.get(), rt.source);
     let connected = with_retries(&rt, &be, peer.ip(), None, |server| {
         let addr = server.addr;
-        async move { dial(addr, connect_timeout).await }
+        async move { dial(addr, source, connect_timeout).await }
     })
     .await;
     let (_, lease, mut server) = match connected {

@@ -44,6 +44,21 @@ impl Workers {
         self.handles.len()
     }
 
+    /// Whether every worker runs a task within `limit`; the first that does
+    /// not is named. A worker stuck in a busy loop or a blocking call fails.
+    pub async fn responsive(&self, limit: std::time::Duration) -> Result<(), usize> {
+        for (i, handle) in self.handles.iter().enumerate() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            handle.spawn(async move {
+                let _ = tx.send(());
+            });
+            if !matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(()))) {
+                return Err(i);
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `task` on the next worker in turn.
     pub fn spawn<F>(&self, task: F)
     where
