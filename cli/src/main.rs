@@ -44,6 +44,43 @@ enum Cmd {
     /// Apply, inspect and roll back the cluster spec.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Backend health: the committed view, and each node's own checks.
+    Health {
+        /// Only this backend.
+        backend: Option<String>,
+    },
+    /// Take a server out of rotation or put it back, on every node.
+    #[command(subcommand)]
+    Server(ServerCmd),
+}
+
+#[derive(Subcommand)]
+enum ServerCmd {
+    /// Maintenance: the server gets no traffic at all.
+    Disable { server: ServerRef },
+    /// Back in rotation, as its health allows.
+    Enable { server: ServerRef },
+    /// No new sessions; open sessions and persistent clients continue.
+    Drain { server: ServerRef },
+}
+
+/// BACKEND/SERVER, as `lbctl health` lists them.
+#[derive(Clone)]
+struct ServerRef {
+    backend: String,
+    server: String,
+}
+
+impl std::str::FromStr for ServerRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((b, srv)) if !b.is_empty() && !srv.is_empty() && !srv.contains('/') => {
+                Ok(ServerRef { backend: b.to_owned(), server: srv.to_owned() })
+            }
+            _ => Err(format!("{s:?} does not name a server: write BACKEND/SERVER, like web/app1")),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -191,6 +228,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             });
         }
+        Cmd::Health { backend } => {
+            let req = HealthRequest { backend: backend.unwrap_or_default() };
+            let r = admin.health(c.request(req)).await.map_err(|s| c.fail(s))?.into_inner();
+            print_health(json_out, &r);
+        }
+        Cmd::Server(cmd) => {
+            let (target, state, what) = match cmd {
+                ServerCmd::Disable { server } => (server, "maint", "in maintenance: no traffic"),
+                ServerCmd::Enable { server } => (server, "ready", "ready: in rotation as its health allows"),
+                ServerCmd::Drain { server } => (server, "drain", "draining: no new sessions"),
+            };
+            let req = ServerSetStateRequest { backend: target.backend.clone(), server: target.server.clone(), state: state.to_owned() };
+            admin.server_set_state(c.request(req)).await.map_err(|s| c.fail(s))?;
+            emit(json_out, json!({ "backend": target.backend, "server": target.server, "state": state }), || {
+                format!("{}/{} is {what}", target.backend, target.server)
+            });
+        }
         Cmd::Config(ConfigCmd::Rollback { version }) => {
             let r = admin.config_rollback(c.request(ConfigRollbackRequest { version })).await.map_err(|s| c.fail(s))?.into_inner();
             emit(json_out, json!({ "version": r.version, "changed": r.changed, "rollback_to": version, "diff": r.diff }), || {
@@ -228,11 +282,17 @@ fn print_status(json_out: bool, r: &ClusterStatusReply) {
     let members: Vec<_> = r
         .members
         .iter()
-        .map(|m| json!({ "id": m.id, "addr": m.addr, "role": m.role, "version": m.version, "drain": m.drain, "last_contact_ms": m.last_contact_ms }))
+        .map(|m| {
+            json!({
+                "id": m.id, "addr": m.addr, "role": m.role, "version": m.version, "drain": m.drain,
+                "serving": m.serving, "last_contact_ms": m.last_contact_ms,
+            })
+        })
         .collect();
     let value = json!({
         "leader": r.leader, "term": r.term, "config_version": r.config_version, "answered_by": r.answered_by,
         "initialized": r.initialized, "last_applied": r.last_applied, "members": members,
+        "contacted": r.contacted, "health_view": r.health_view, "self_check": r.self_check,
     });
     emit(json_out, value, || {
         if !r.initialized {
@@ -244,15 +304,92 @@ fn print_status(json_out: bool, r: &ClusterStatusReply) {
         let leader = r.leader.map_or("none".to_owned(), |l| l.to_string());
         let mut out =
             format!("leader: {leader}   term: {}   config version: {}   (view of node {})\n\n", r.term, r.config_version, r.answered_by);
-        let mut rows = vec![["ID", "ADDRESS", "ROLE", "VERSION", "LAST CONTACT"].map(String::from).to_vec()];
+        let mut rows = vec![["ID", "ADDRESS", "ROLE", "VERSION", "SELF-CHECK", "LAST CONTACT"].map(String::from).to_vec()];
         for m in &r.members {
             let contact = m.last_contact_ms.map_or("-".to_owned(), |ms| format!("{ms}ms ago"));
             let version = if m.version.is_empty() { "-".to_owned() } else { m.version.clone() };
             let role = if m.drain { format!("{} (drain)", m.role) } else { m.role.clone() };
-            rows.push(vec![m.id.to_string(), m.addr.clone(), role, version, contact]);
+            let serving = if m.serving { "serving" } else { "failing" };
+            rows.push(vec![m.id.to_string(), m.addr.clone(), role, version, serving.to_owned(), contact]);
         }
         out.push_str(&table(&rows));
+        out.push_str(&format!("\n\nnode {} routes by the {} health view; its self-check: {}", r.contacted, r.health_view, r.self_check));
         out
+    });
+}
+
+fn print_health(json_out: bool, r: &HealthReply) {
+    let servers: Vec<_> = r
+        .servers
+        .iter()
+        .map(|s| {
+            let nodes: Vec<_> = s
+                .nodes
+                .iter()
+                .map(|n| {
+                    let own = n.own.as_ref();
+                    json!({
+                        "node": n.node, "reported_up": n.reported_up, "reported_since_ms": n.reported_since_ms,
+                        "reported_detail": n.reported_detail, "answered": own.is_some(),
+                        "checked_up": own.filter(|o| o.checked).map(|o| o.up), "checked_since_ms": own.map_or(0, |o| o.since_ms),
+                        "last_ok": own.and_then(|o| o.last_ok), "last_result": own.map_or("", |o| &o.last_result),
+                        "latency_us": own.map_or(0, |o| o.latency_us), "last_at_ms": own.map_or(0, |o| o.last_at_ms),
+                        "proposals": own.map_or(0, |o| o.proposals), "routes": own.is_some_and(|o| o.routes), "view": n.view,
+                    })
+                })
+                .collect();
+            json!({
+                "backend": s.backend, "server": s.server, "address": s.address, "checked": s.checked,
+                "state": if s.up { "up" } else { "down" }, "since_ms": s.since_ms, "transitions": s.transitions,
+                "admin": s.admin, "admin_since_ms": s.admin_since_ms, "nodes": nodes,
+            })
+        })
+        .collect();
+    emit(json_out, json!({ "policy": r.policy, "answered_by": r.answered_by, "servers": servers }), || {
+        if r.servers.is_empty() {
+            return "no servers: no spec has been applied, or it has no backends".to_owned();
+        }
+        let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let ago = |ms: u64| {
+            if ms == 0 {
+                "-".to_owned()
+            } else {
+                format!("{} ago", humantime::format_duration(Duration::from_secs(now.saturating_sub(ms) / 1000)))
+            }
+        };
+        let updown = |up: bool| if up { "up" } else { "down" }.to_owned();
+        let mut rows = vec![["SERVER", "ADDRESS", "CLUSTER", "SINCE", "ADMIN", "NODE", "OWN CHECKS", "LAST CHECK", "ROUTES"]
+            .map(String::from)
+            .to_vec()];
+        for s in &r.servers {
+            let cluster = if s.checked { updown(s.up) } else { "up (no check)".to_owned() };
+            let mut first = vec![format!("{}/{}", s.backend, s.server), s.address.clone(), cluster, ago(s.since_ms), s.admin.clone()];
+            for (i, n) in s.nodes.iter().enumerate() {
+                let head = if i == 0 { std::mem::take(&mut first) } else { vec![String::new(); 5] };
+                let (own, last, routes) = match &n.own {
+                    None => {
+                        let reported = n.reported_up.map_or("no answer".to_owned(), |up| format!("{} (reported), no answer", updown(up)));
+                        (reported, "-".to_owned(), "-".to_owned())
+                    }
+                    Some(o) => {
+                        let own = if o.checked {
+                            format!("{} for {}", updown(o.up), ago(o.since_ms).trim_end_matches(" ago"))
+                        } else {
+                            "-".to_owned()
+                        };
+                        let last = match o.last_ok {
+                            Some(_) => format!("{} in {:.1}ms, {}", o.last_result, o.latency_us as f64 / 1000.0, ago(o.last_at_ms)),
+                            None => "-".to_owned(),
+                        };
+                        (own, last, if o.routes { "yes".to_owned() } else { "no".to_owned() })
+                    }
+                };
+                let mut row = head;
+                row.extend([format!("node {}", n.node), own, last, routes]);
+                rows.push(row);
+            }
+        }
+        format!("policy: {}   (view of node {})\n\n{}", r.policy, r.answered_by, table(&rows))
     });
 }
 

@@ -2,14 +2,20 @@
 //! reads come from its applied state, writes and membership changes go
 //! through [`Cluster`], which forwards them to the leader.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
 
 use raftlb_proto::admin::admin_client::AdminClient;
 use raftlb_proto::admin::admin_server::Admin;
 use raftlb_proto::admin::{self, *};
-use raftlb_proto::spec::{self, Spec};
-use raftlb_raft::{Cluster, ClusterError, Command, CommandResult};
+use raftlb_proto::spec::{self, HealthPolicy, Spec};
+use raftlb_raft::{AdminState, Cluster, ClusterError, Command, CommandResult};
 use tonic::{Request, Response, Status};
+
+use crate::dataplane::runtime::RuntimeWatch;
+use crate::health::{now_ms, Health};
 
 /// How long a node waits for another node's admin API (the leader for a
 /// status view, a joining node for its identity).
@@ -17,16 +23,21 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct AdminService {
     cluster: Cluster,
+    health: Arc<Health>,
+    runtime: RuntimeWatch,
 }
 
 impl AdminService {
-    pub fn new(cluster: Cluster) -> Self {
-        AdminService { cluster }
+    pub fn new(cluster: Cluster, health: Arc<Health>, runtime: RuntimeWatch) -> Self {
+        AdminService { cluster, health, runtime }
     }
 
     fn local_status(&self) -> ClusterStatusReply {
         let s = self.cluster.status();
         ClusterStatusReply {
+            health_view: String::new(),
+            contacted: 0,
+            self_check: String::new(),
             leader: s.leader,
             term: s.term,
             config_version: s.config_version,
@@ -42,6 +53,7 @@ impl AdminService {
                     role: m.role.as_str().to_owned(),
                     version: m.version,
                     drain: m.drain,
+                    serving: m.serving,
                     last_contact_ms: m.last_contact.map(|d| d.as_millis() as u64),
                 })
                 .collect(),
@@ -58,6 +70,59 @@ impl AdminService {
         let mut req = Request::new(ClusterStatusRequest { local: true });
         req.set_timeout(PEER_TIMEOUT);
         client.cluster_status(req).await.ok().map(Response::into_inner)
+    }
+
+    /// This node's own checks, and how it routes each server of the spec in force.
+    fn local_health(&self) -> HealthLocalReply {
+        let own = self.health.local.snapshot();
+        let mut servers = Vec::new();
+        if let Some(rt) = self.runtime.borrow().clone() {
+            let mut backends: Vec<_> = rt.backends.iter().collect();
+            backends.sort_by(|a, b| a.0.cmp(b.0));
+            for (b, be) in backends {
+                for s in &be.servers {
+                    let local = own.get(&(b.clone(), s.spec.name.clone())).filter(|l| l.addr == s.state.addr);
+                    let last = local.and_then(|l| l.last.as_ref());
+                    servers.push(LocalServer {
+                        backend: b.clone(),
+                        server: s.spec.name.clone(),
+                        address: s.state.addr.to_string(),
+                        checked: local.is_some(),
+                        up: local.is_none_or(|l| l.up),
+                        since_ms: local.map_or(0, |l| l.since_ms),
+                        last_ok: last.map(|r| r.ok),
+                        last_result: last.map(|r| r.detail.clone()).unwrap_or_default(),
+                        latency_us: last.map_or(0, |r| r.latency.as_micros() as u64),
+                        last_at_ms: last.map_or(0, |r| r.at_ms),
+                        proposals: local.map_or(0, |l| l.proposals),
+                        routes: s.state.up.load(Relaxed) && s.state.admin() == AdminState::Ready,
+                    });
+                }
+            }
+        }
+        HealthLocalReply { node: self.cluster.id(), servers, view: self.health.mode().as_str().to_owned() }
+    }
+
+    /// Every member's own health, asked at once; a member that does not
+    /// answer within the peer timeout is left out.
+    async fn member_views(&self, members: Vec<(u64, String)>) -> HashMap<u64, HealthLocalReply> {
+        let me = self.cluster.id();
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, addr) in members.into_iter().filter(|(id, _)| *id != me) {
+            asks.spawn(async move {
+                let mut client = connect(&addr).await.ok()?;
+                let mut req = Request::new(HealthLocalRequest {});
+                req.set_timeout(PEER_TIMEOUT);
+                client.health_local(req).await.ok().map(|r| (id, r.into_inner()))
+            });
+        }
+        let mut views = HashMap::from([(me, self.local_health())]);
+        while let Some(answer) = asks.join_next().await {
+            if let Ok(Some((id, reply))) = answer {
+                views.insert(id, reply);
+            }
+        }
+        views
     }
 
     fn spec_yaml(&self, version: u64) -> Result<(u64, String), Status> {
@@ -104,8 +169,13 @@ pub fn status_of(e: ClusterError) -> Status {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+fn policy_name(policy: HealthPolicy) -> &'static str {
+    match policy {
+        HealthPolicy::Majority => "majority",
+        HealthPolicy::Any => "any",
+        HealthPolicy::All => "all",
+        HealthPolicy::Local => "local",
+    }
 }
 
 #[tonic::async_trait]
@@ -119,12 +189,75 @@ impl Admin for AdminService {
     }
 
     async fn cluster_status(&self, req: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusReply>, Status> {
-        if !req.get_ref().local {
-            if let Some(view) = self.leader_status().await {
-                return Ok(Response::new(view));
+        let leader_view = if req.get_ref().local { None } else { self.leader_status().await };
+        let mut reply = leader_view.unwrap_or_else(|| self.local_status());
+        // What only the contacted node knows of itself.
+        reply.contacted = self.cluster.id();
+        reply.health_view = self.health.mode().as_str().to_owned();
+        reply.self_check = self.health.serving().1;
+        Ok(Response::new(reply))
+    }
+
+    async fn health(&self, req: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
+        let backend = req.into_inner().backend;
+        let applied = self.cluster.applied();
+        let state = &applied.state;
+        if !backend.is_empty() && !state.health.backends.contains_key(&backend) {
+            let names: Vec<&str> = state.health.backends.keys().map(String::as_str).collect();
+            return Err(Status::not_found(format!("there is no backend `{backend}`: the backends are {}", names.join(", "))));
+        }
+        let views = self.member_views(state.nodes.values().map(|n| (n.id, n.addr.clone())).collect()).await;
+        let mut servers = Vec::new();
+        for (b, members) in state.health.backends.iter().filter(|(b, _)| backend.is_empty() || **b == backend) {
+            for (name, h) in members {
+                let nodes = state
+                    .nodes
+                    .keys()
+                    .map(|id| {
+                        let reported = h.observations.get(id);
+                        let answer = views.get(id);
+                        NodeView {
+                            node: *id,
+                            reported_up: reported.map(|o| o.up),
+                            reported_since_ms: reported.map_or(0, |o| o.since_ms),
+                            reported_detail: reported.map(|o| o.detail.clone()).unwrap_or_default(),
+                            own: answer.and_then(|r| r.servers.iter().find(|l| l.backend == *b && l.server == *name).cloned()),
+                            view: answer.map(|r| r.view.clone()).unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                servers.push(ServerHealth {
+                    backend: b.clone(),
+                    server: name.clone(),
+                    address: h.addr.clone(),
+                    checked: h.checked,
+                    up: h.up,
+                    since_ms: h.since_ms,
+                    transitions: h.transitions,
+                    admin: h.admin.as_str().to_owned(),
+                    admin_since_ms: h.admin_since_ms,
+                    nodes,
+                });
             }
         }
-        Ok(Response::new(self.local_status()))
+        Ok(Response::new(HealthReply { policy: policy_name(state.health_policy()).to_owned(), answered_by: self.cluster.id(), servers }))
+    }
+
+    async fn health_local(&self, _: Request<HealthLocalRequest>) -> Result<Response<HealthLocalReply>, Status> {
+        Ok(Response::new(self.local_health()))
+    }
+
+    async fn server_set_state(&self, req: Request<ServerSetStateRequest>) -> Result<Response<ServerSetStateReply>, Status> {
+        let ServerSetStateRequest { backend, server, state } = req.into_inner();
+        let admin = match state.as_str() {
+            "ready" => AdminState::Ready,
+            "drain" => AdminState::Drain,
+            "maint" => AdminState::Maint,
+            other => return Err(Status::invalid_argument(format!("{other:?} is not a server state: use ready, drain or maint"))),
+        };
+        self.cluster.applied().state.server_exists(&backend, &server).map_err(Status::not_found)?;
+        self.cluster.write(Command::SetServerAdmin { backend, server, state: admin, at_ms: now_ms() }).await.map_err(status_of)?;
+        Ok(Response::new(ServerSetStateReply { state }))
     }
 
     async fn identity(&self, _: Request<IdentityRequest>) -> Result<Response<IdentityReply>, Status> {

@@ -32,6 +32,11 @@ pub struct NodeConfig {
     pub bind_rewrite: BTreeMap<IpAddr, IpAddr>,
     /// Threads that carry traffic; defaults to one per core.
     pub threads: Option<usize>,
+    /// Source address of connections to servers (traffic and health checks),
+    /// as HAProxy's `source`; the kernel chooses when absent.
+    pub source: Option<IpAddr>,
+    #[serde(default)]
+    pub self_check: SelfCheck,
     #[serde(default)]
     pub raft: RaftTimings,
     #[serde(default)]
@@ -65,6 +70,24 @@ impl Default for RaftTimings {
             snapshot_after: d.snapshot_after,
             logs_kept_after_snapshot: d.logs_kept_after_snapshot,
         }
+    }
+}
+
+/// The node's check of its own frontends, like Keepalived's track_script on
+/// HAProxy: a node whose data plane fails gives up leadership (and its VIPs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfCheck {
+    pub interval: Duration,
+    /// Failed rounds in a row before the node counts as failing.
+    pub fall: u32,
+    /// Passed rounds in a row before a failing node counts as serving again.
+    pub rise: u32,
+}
+
+impl Default for SelfCheck {
+    fn default() -> Self {
+        SelfCheck { interval: Duration::from_millis(500), fall: 3, rise: 2 }
     }
 }
 
@@ -116,6 +139,9 @@ pub struct Overrides {
     /// Threads that carry traffic (default: one per core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Source address of connections to servers (traffic and health checks).
+    #[arg(long, value_name = "IP")]
+    pub source: Option<IpAddr>,
     /// Serve frontends bound to FROM on TO instead, like 127.0.0.1=127.0.0.2 (repeatable).
     #[arg(long, value_name = "FROM=TO", value_parser = parse_rewrite)]
     pub bind_rewrite: Vec<(IpAddr, IpAddr)>,
@@ -138,6 +164,8 @@ pub struct Resolved {
     pub threads: usize,
     pub listen: SocketAddr,
     pub monitor: Option<SocketAddr>,
+    pub source: Option<IpAddr>,
+    pub self_check: SelfCheck,
     pub log: LogSettings,
 }
 
@@ -196,9 +224,27 @@ impl Overrides {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        let c = &file.self_check;
+        if c.interval.is_zero() || c.fall == 0 || c.rise == 0 {
+            bail!(
+                "self_check: interval ({}), fall ({}) and rise ({}) must all be above zero, like {{ interval: 500ms, fall: 3, rise: 2 }}",
+                c.interval,
+                c.fall,
+                c.rise
+            );
+        }
         let mut bind_rewrite: BindRewrite = file.bind_rewrite.into_iter().collect();
         bind_rewrite.extend(self.bind_rewrite);
-        Ok(Resolved { settings, bind_rewrite, threads, listen, monitor: self.monitor.or(file.monitor), log: file.log })
+        Ok(Resolved {
+            settings,
+            bind_rewrite,
+            threads,
+            listen,
+            monitor: self.monitor.or(file.monitor),
+            source: self.source.or(file.source),
+            self_check: file.self_check,
+            log: file.log,
+        })
     }
 }
 

@@ -16,10 +16,12 @@ use crate::config::Resolved;
 use crate::dataplane::runtime::Shared;
 use crate::dataplane::workers::Workers;
 use crate::dataplane::DataPlane;
+use crate::health::selfcheck::SelfChecker;
+use crate::health::{checker, view, Health};
 use crate::monitor;
 
 pub async fn run(node: Resolved) -> anyhow::Result<()> {
-    let Resolved { settings, bind_rewrite, threads, listen, monitor, .. } = node;
+    let Resolved { settings, bind_rewrite, threads, listen, monitor, source, self_check, .. } = node;
     // Bind first: a taken port fails before the data dir is touched.
     let incoming =
         TcpIncoming::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen} (--listen): {e}"))?.with_nodelay(Some(true));
@@ -39,8 +41,24 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
         tracing::info!("not a member of a cluster yet: run `lbctl cluster init` on the first node, or `lbctl node add` on a member");
     }
     let workers = Arc::new(Workers::start(threads).context("cannot start the data plane threads")?);
-    let shared = Arc::new(Shared::new(workers.len()));
-    tokio::spawn(DataPlane::new(shared.clone(), workers, bind_rewrite).run(cluster.clone()));
+    let shared = Arc::new(Shared::new(workers.len(), source));
+    let dataplane = DataPlane::new(shared.clone(), workers.clone(), bind_rewrite);
+    let runtime = dataplane.subscribe();
+    tokio::spawn(dataplane.run(cluster.clone()));
+
+    let health = Arc::new(Health::default());
+    tokio::spawn(checker::run(health.clone(), runtime.clone(), cluster.clone(), source));
+    tokio::spawn(checker::report(health.clone(), cluster.clone()));
+    tokio::spawn(view::run(health.clone(), runtime.clone(), cluster.clone()));
+    let selfcheck = SelfChecker {
+        health: health.clone(),
+        shared: shared.clone(),
+        workers,
+        runtime: runtime.clone(),
+        cluster: cluster.clone(),
+        settings: self_check,
+    };
+    tokio::spawn(selfcheck.run());
     if let Some(listener) = monitor_listener {
         tokio::spawn(monitor::serve(listener, cluster.clone(), shared));
     }
@@ -53,7 +71,7 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
     };
     Server::builder()
         .add_service(cluster.transport_service())
-        .add_service(AdminServer::new(AdminService::new(cluster.clone())))
+        .add_service(AdminServer::new(AdminService::new(cluster.clone(), health, runtime)))
         .serve_with_incoming_shutdown(incoming, stop)
         .await
         .context("the gRPC server failed")?;

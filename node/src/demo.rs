@@ -192,6 +192,8 @@ fn print_guide(nodes: &[DemoNode], exe: &Path, dir: &Path, temporary: bool, fron
   {lbctl} config apply -f spec.yaml      # a new version, on every node
   {lbctl} config history
   {lbctl} config rollback 1              # version 1's spec, as a new version
+  {lbctl} health                         # each server: the committed view, each node's checks
+  {lbctl} server disable web/web1        # maintenance on every node; `server enable` undoes it
   curl -s http://{}/healthz            # and /stats for the traffic counters
 
 Kill the leader (kill -9 PID from the table) and ask another node:

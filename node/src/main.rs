@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod dataplane;
 mod demo;
+mod health;
 mod monitor;
 mod stats;
 
