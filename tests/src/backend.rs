@@ -181,3 +181,103 @@ pub fn tcp_server(name: &str, addr: &str) -> TestServer {
         let _ = stream.shutdown().await;
     })
 }
+
+/// How a [`CheckGate`] answers health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateMode {
+    /// `200 OK` to every check.
+    Pass,
+    /// Every check's connection is closed at once.
+    Fail,
+    /// Each source address gets pass, fail, pass, fail, ... in turn.
+    Flap,
+}
+
+/// A health-check endpoint for a server (`health_check.port`): answers an
+/// HTTP check with 200 or closes the connection, by its mode and by the
+/// source address, so one node can be cut off while the others pass. Counts
+/// the checks from each source address.
+pub struct CheckGate {
+    pub addr: SocketAddr,
+    state: Arc<std::sync::Mutex<GateState>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct GateState {
+    mode: Option<GateMode>,
+    blocked: std::collections::HashSet<std::net::IpAddr>,
+    checks: std::collections::HashMap<std::net::IpAddr, u64>,
+}
+
+impl CheckGate {
+    pub fn start(addr: &str) -> CheckGate {
+        let state = Arc::new(std::sync::Mutex::new(GateState { mode: Some(GateMode::Pass), ..Default::default() }));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_owned, shared) = (addr.to_owned(), state.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::bind(&addr_owned).await.expect("the check gate binds");
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let accept = async {
+                    loop {
+                        let Ok((mut stream, peer)) = listener.accept().await else { continue };
+                        let pass = {
+                            let mut st = shared.lock().unwrap();
+                            let n = st.checks.entry(peer.ip()).or_insert(0);
+                            *n += 1;
+                            let turn = *n;
+                            !st.blocked.contains(&peer.ip())
+                                && match st.mode.unwrap_or(GateMode::Pass) {
+                                    GateMode::Pass => true,
+                                    GateMode::Fail => false,
+                                    GateMode::Flap => turn % 2 == 1,
+                                }
+                        };
+                        if !pass {
+                            continue;
+                        }
+                        tokio::spawn(async move {
+                            let mut head = Vec::new();
+                            let mut buf = [0u8; 1024];
+                            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                        });
+                    }
+                };
+                tokio::select! { _ = accept => {}, _ = stop_rx => {} }
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(5)).expect("the check gate starts");
+        CheckGate { addr, state, stop: Some(stop_tx) }
+    }
+
+    pub fn set(&self, mode: GateMode) {
+        self.state.lock().unwrap().mode = Some(mode);
+    }
+
+    /// Closes every check from `ip` at once, whatever the mode.
+    pub fn block(&self, ip: std::net::IpAddr) {
+        self.state.lock().unwrap().blocked.insert(ip);
+    }
+
+    /// Checks received from `ip`.
+    pub fn checks_from(&self, ip: std::net::IpAddr) -> u64 {
+        self.state.lock().unwrap().checks.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for CheckGate {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

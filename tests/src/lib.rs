@@ -9,6 +9,7 @@ pub mod client;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,9 +35,20 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free port on 127.0.0.1, as the kernel hands it out.
+/// A free port on 127.0.0.1 below the kernel's ephemeral range (32768 and
+/// up): nodes connect out from their own 127.0.0.N addresses, and a port the
+/// kernel hands to such a connection must never be one a test is about to
+/// listen on there.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(0, 21_000 + (std::process::id() % 50) * 200, Relaxed, Relaxed);
+    loop {
+        let port = NEXT.fetch_add(1, Relaxed);
+        let port = 21_000 + (port - 21_000) % 11_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// Polls `probe` every 20 ms until it returns `Some`, or panics after `limit`
@@ -86,8 +98,10 @@ impl Node {
         }
         let child = cmd
             .args(["--id", &self.id.to_string(), "--listen", &self.endpoint(), "--monitor", &self.monitor.to_string()])
-            // Several nodes on one host: node N serves frontends bound to 127.0.0.1 on 127.0.0.N.
+            // Several nodes on one host: node N serves frontends bound to 127.0.0.1 on 127.0.0.N,
+            // and connects to servers from 127.0.0.N, so a server can tell the nodes apart.
             .args(["--bind-rewrite", &format!("127.0.0.1=127.0.0.{}", self.id)])
+            .args(["--source", &format!("127.0.0.{}", self.id)])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "info,openraft=off")
