@@ -86,3 +86,82 @@ async fn http(stream: tokio::net::TcpStream, target: &Target) -> Result<String, 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use raftlb_proto::spec::Spec;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server that answers every connection with `response` after the
+    /// request head, and keeps the last head it read.
+    async fn answering(response: &'static str) -> (SocketAddr, Arc<Mutex<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(String::new()));
+        let last = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let last = last.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    *last.lock().unwrap() = String::from_utf8_lossy(&head).into_owned();
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn target(addr: SocketAddr, check: &str) -> Target {
+        let yaml = format!("backends:\n  - name: b\n    health_check: {check}\n    servers: []\n");
+        let spec = Spec::from_yaml(&yaml).unwrap();
+        let check = spec.backends[0].health_check.clone().unwrap();
+        Target { server: addr, addr, check, timeout: Duration::from_millis(500), source: None }
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nstatus: good";
+
+    #[tokio::test]
+    async fn an_http_check_matches_status_and_body_and_sends_method_path_and_host() {
+        let (addr, seen) = answering(OK).await;
+        let ok = run(&target(addr, "{ type: http, method: HEAD, path: /ping, host: api.example.com }")).await;
+        assert!(ok.ok && ok.detail == "HTTP 200", "{ok:?}");
+        let head = seen.lock().unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("head /ping http/1.1\r\n") && head.contains("\r\nhost: api.example.com\r\n"), "{head}");
+        let ok = run(&target(addr, "{ type: http, expect_body: good }")).await;
+        assert!(ok.ok, "{ok:?}");
+        let lacks = run(&target(addr, "{ type: http, expect_body: bad }")).await;
+        assert!(!lacks.ok && lacks.detail == "HTTP 200, the body lacks \"bad\"", "{lacks:?}");
+        let status = run(&target(addr, "{ type: http, expect_status: 300-399 }")).await;
+        assert!(!status.ok && status.detail == "HTTP 200, expected 300-399", "{status:?}");
+        let _ = run(&target(addr, "{ type: http }")).await;
+        let head = seen.lock().unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get / http/1.1\r\n") && head.contains(&format!("\r\nhost: {addr}\r\n")), "defaults: {head}");
+    }
+
+    #[tokio::test]
+    async fn a_tcp_check_fails_on_a_refused_connect_and_a_silent_server_times_out() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let refused = run(&target(closed, "{ type: tcp }")).await;
+        assert!(!refused.ok && refused.detail.contains("refused"), "{refused:?}");
+        let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = run(&target(open.local_addr().unwrap(), "{ type: tcp }")).await;
+        assert!(up.ok && up.detail == "connected", "{up:?}");
+        // Accepts (the kernel does) but never answers an HTTP check.
+        let silent = run(&target(open.local_addr().unwrap(), "{ type: http }")).await;
+        assert!(!silent.ok && silent.detail.starts_with("no answer within"), "{silent:?}");
+        assert!(silent.latency >= Duration::from_millis(500));
+    }
+}
