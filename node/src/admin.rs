@@ -202,9 +202,8 @@ impl Admin for AdminService {
         let backend = req.into_inner().backend;
         let applied = self.cluster.applied();
         let state = &applied.state;
-        if !backend.is_empty() && !state.health.backends.contains_key(&backend) {
-            let names: Vec<&str> = state.health.backends.keys().map(String::as_str).collect();
-            return Err(Status::not_found(format!("there is no backend `{backend}`: the backends are {}", names.join(", "))));
+        if !backend.is_empty() {
+            state.backend(&backend).map_err(Status::not_found)?;
         }
         let views = self.member_views(state.nodes.values().map(|n| (n.id, n.addr.clone())).collect()).await;
         let mut servers = Vec::new();

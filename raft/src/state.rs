@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use openraft::{BasicNode, Membership};
-use raftlb_proto::spec::{HealthPolicy, Spec};
+use raftlb_proto::spec::{Backend, HealthPolicy, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::health::{AdminState, HealthState, ObservedChange};
@@ -155,15 +155,24 @@ impl ClusterState {
         }
     }
 
-    /// Whether the spec in force has this server; the error names what it has.
-    pub fn server_exists(&self, backend: &str, server: &str) -> Result<(), String> {
+    /// The backend of the spec in force by name; the error names those it has.
+    pub fn backend(&self, name: &str) -> Result<&Backend, String> {
         let Some(spec) = self.current().map(|c| &c.spec) else {
             return Err("no spec has been applied yet: apply one with `lbctl config apply -f FILE`".to_owned());
         };
-        let Some(b) = spec.backends.iter().find(|b| b.name == backend) else {
+        spec.backends.iter().find(|b| b.name == name).ok_or_else(|| {
             let names: Vec<&str> = spec.backends.iter().map(|b| b.name.as_str()).collect();
-            return Err(format!("there is no backend `{backend}`: the backends are {}", names.join(", ")));
-        };
+            if names.is_empty() {
+                format!("there is no backend `{name}`: the spec in force has none")
+            } else {
+                format!("there is no backend `{name}`: the backends are {}", names.join(", "))
+            }
+        })
+    }
+
+    /// Whether the spec in force has this server; the error names what it has.
+    pub fn server_exists(&self, backend: &str, server: &str) -> Result<(), String> {
+        let b = self.backend(backend)?;
         if !b.servers.iter().any(|s| s.name == server) {
             let names: Vec<&str> = b.servers.iter().map(|s| s.name.as_str()).collect();
             return Err(format!("backend `{backend}` has no server `{server}`: its servers are {}", names.join(", ")));

@@ -271,6 +271,8 @@ fn disable_enable_and_drain_take_effect_on_every_node_and_survive_a_restart() {
     assert!(!bad.ok && bad.stderr.contains("backend `app` has no server `zz`: its servers are a, b"), "{}", bad.stderr);
     let bad = lbctl(&c.endpoint(1), &["server", "drain", "nope/a"]);
     assert!(!bad.ok && bad.stderr.contains("there is no backend `nope`"), "{}", bad.stderr);
+    let bad = lbctl(&c.endpoint(1), &["health", "nope"]);
+    assert!(!bad.ok && bad.stderr.contains("there is no backend `nope`: the backends are app"), "{}", bad.stderr);
     let bad = lbctl(&c.endpoint(1), &["server", "drain", "app"]);
     assert!(!bad.ok && bad.stderr.contains("write BACKEND/SERVER"), "{}", bad.stderr);
     assert_eq!(server(&health(&c, 1), "b")["admin"], "ready");
