@@ -41,6 +41,9 @@ enum Cmd {
     /// Add or remove cluster members.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Move leadership on purpose.
+    #[command(subcommand)]
+    Leader(LeaderCmd),
     /// Apply, inspect and roll back the cluster spec.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -106,6 +109,13 @@ enum NodeCmd {
     },
     /// Remove a member from the cluster.
     Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum LeaderCmd {
+    /// Hand leadership to NODE (default: the voter whose log is furthest along),
+    /// faster and cleaner than a crash failover: for maintenance of the leader.
+    Transfer { node: Option<u64> },
 }
 
 #[derive(Subcommand)]
@@ -180,6 +190,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Node(NodeCmd::Remove { id }) => {
             let r = admin.node_remove(c.request(NodeRemoveRequest { id })).await.map_err(|s| c.fail(s))?.into_inner();
             print_members(json_out, &format!("node {id} removed"), &r);
+        }
+        Cmd::Leader(LeaderCmd::Transfer { node }) => {
+            let r = admin.leader_transfer(c.request(LeaderTransferRequest { node })).await.map_err(|s| c.fail(s))?.into_inner();
+            emit(json_out, json!({ "from": r.from, "leader": r.leader, "took_ms": r.took_ms }), || {
+                format!("node {} leads now (was node {}); the handoff took {} ms", r.leader, r.from, r.took_ms)
+            });
         }
         Cmd::Config(ConfigCmd::Apply { dry_run, .. }) => {
             let (_, yaml) = local_spec.expect("read above");

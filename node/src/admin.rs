@@ -305,6 +305,13 @@ impl Admin for AdminService {
         Ok(Response::new(NodeChangeReply { voters: m.voters, learners: m.learners }))
     }
 
+    async fn leader_transfer(&self, req: Request<LeaderTransferRequest>) -> Result<Response<LeaderTransferReply>, Status> {
+        let from = self.cluster.leader().unwrap_or_default();
+        let started = std::time::Instant::now();
+        let leader = self.cluster.transfer_leadership(req.into_inner().node).await.map_err(status_of)?;
+        Ok(Response::new(LeaderTransferReply { from, leader, took_ms: started.elapsed().as_millis() as u64 }))
+    }
+
     async fn config_apply(&self, req: Request<ConfigApplyRequest>) -> Result<Response<ConfigApplyReply>, Status> {
         let ConfigApplyRequest { spec_yaml, dry_run } = req.into_inner();
         let spec = Spec::from_yaml(&spec_yaml).map_err(|e| Status::invalid_argument(format!("the spec is not valid:\n{e}")))?;

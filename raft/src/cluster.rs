@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,18 +118,50 @@ pub struct Status {
 /// none: several election timeouts, so one lost heartbeat is not a loss.
 pub const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a handoff may take after the lease ran out before it is given up.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(2);
+
+/// Why a node keeps itself from leading.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// The node's data plane fails its self-check.
+    SelfCheck = 1,
+    /// The node hands leadership to another on purpose.
+    Transfer = 2,
+}
+
+impl Hold {
+    fn as_str(self) -> &'static str {
+        match self {
+            Hold::SelfCheck => "its self-check fails",
+            Hold::Transfer => "it hands leadership over",
+        }
+    }
+}
+
 /// What only the leader may run; followers forward it over the transport.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum LeaderOp {
     Write(Command),
-    AddNode { id: NodeId, addr: String },
-    RemoveNode { id: NodeId },
+    AddNode {
+        id: NodeId,
+        addr: String,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+    /// Hand leadership to this voter, or to the best placed one.
+    Transfer {
+        to: Option<NodeId>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum LeaderReply {
     Written(CommandResult),
     Members(Membership),
+    /// The new leader.
+    Transferred(NodeId),
 }
 
 #[derive(Clone)]
@@ -142,10 +174,10 @@ struct Inner {
     raft: Raft,
     peers: Arc<Peers>,
     applied: watch::Receiver<Arc<Applied>>,
-    /// Set while this node must not lead (its data plane fails): it does not
-    /// stand for election, and as leader it stops heartbeats and writes so
-    /// that a follower takes over.
-    held_back: AtomicBool,
+    /// The reasons ([`Hold`] bits) this node must not lead now: while any is
+    /// set it does not stand for election, and as leader it stops heartbeats
+    /// and writes so that a follower takes over.
+    held_back: AtomicU8,
 }
 
 impl Cluster {
@@ -174,7 +206,7 @@ impl Cluster {
         let raft = Raft::new(node, Arc::new(config), Network { peers: peers.clone() }, log, sm)
             .await
             .map_err(|e| ClusterError::Fatal { node, reason: e.to_string() })?;
-        let cluster = Cluster { inner: Arc::new(Inner { settings, raft, peers, applied, held_back: AtomicBool::new(false) }) };
+        let cluster = Cluster { inner: Arc::new(Inner { settings, raft, peers, applied, held_back: AtomicU8::new(0) }) };
         tokio::spawn(cluster.clone().log_leadership());
         tokio::spawn(cluster.clone().report_version());
         Ok(cluster)
@@ -246,7 +278,7 @@ impl Cluster {
         match self.on_leader(LeaderOp::Write(cmd)).await? {
             LeaderReply::Written(CommandResult::Rejected(why)) => Err(ClusterError::Rejected(why)),
             LeaderReply::Written(result) => Ok(result),
-            LeaderReply::Members(_) => unreachable!("a write is answered with its result"),
+            _ => unreachable!("a write is answered with its result"),
         }
     }
 
@@ -254,14 +286,26 @@ impl Cluster {
     pub async fn add_node(&self, id: NodeId, addr: String) -> Result<Membership, ClusterError> {
         match self.on_leader(LeaderOp::AddNode { id, addr }).await? {
             LeaderReply::Members(m) => Ok(m),
-            LeaderReply::Written(_) => unreachable!("a membership change is answered with the members"),
+            _ => unreachable!("a membership change is answered with the members"),
         }
     }
 
     pub async fn remove_node(&self, id: NodeId) -> Result<Membership, ClusterError> {
         match self.on_leader(LeaderOp::RemoveNode { id }).await? {
             LeaderReply::Members(m) => Ok(m),
-            LeaderReply::Written(_) => unreachable!("a membership change is answered with the members"),
+            _ => unreachable!("a membership change is answered with the members"),
+        }
+    }
+
+    /// Hands leadership to voter `to`, or to the voter whose log is furthest
+    /// along; returns the new leader. A planned handoff: the leader stops its
+    /// heartbeats and writes, waits out the lease during which followers
+    /// refuse to vote, and asks the target to stand at once, instead of
+    /// every follower waiting for its election timeout as after a crash.
+    pub async fn transfer_leadership(&self, to: Option<NodeId>) -> Result<NodeId, ClusterError> {
+        match self.on_leader(LeaderOp::Transfer { to }).await? {
+            LeaderReply::Transferred(leader) => Ok(leader),
+            _ => unreachable!("a transfer is answered with the new leader"),
         }
     }
 
@@ -327,7 +371,7 @@ impl Cluster {
     /// Runs an operation on this node, which must be the leader. Bounded by
     /// the write timeout: a leader without quorum answers instead of hanging.
     pub(crate) async fn run_as_leader(&self, op: LeaderOp) -> Result<LeaderReply, ClusterError> {
-        if self.inner.held_back.load(Relaxed) {
+        if self.is_held_back() {
             // A write would be replicated and keep the followers from electing.
             return Err(ClusterError::NotLeader { node: self.id() });
         }
@@ -372,6 +416,7 @@ impl Cluster {
                 tracing::info!(node = id, addr, "node joined as a voter");
                 Ok(LeaderReply::Members(membership_of(resp.membership.as_ref())))
             }
+            LeaderOp::Transfer { to } => self.hand_over(to).await.map(LeaderReply::Transferred),
             LeaderOp::RemoveNode { id } => {
                 let m = self.metrics();
                 let membership = m.membership_config.membership();
@@ -394,6 +439,82 @@ impl Cluster {
                 Ok(LeaderReply::Members(membership_of(resp.membership.as_ref())))
             }
         }
+    }
+
+    async fn hand_over(&self, to: Option<NodeId>) -> Result<NodeId, ClusterError> {
+        let me = self.id();
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let target = match to {
+            Some(t) if t == me => return Err(ClusterError::Rejected(format!("node {me} already leads"))),
+            Some(t) if !voters.contains(&t) => {
+                return Err(ClusterError::Rejected(format!("node {t} is not a voter: the voters are {}", list(voters.into_iter()))))
+            }
+            Some(t) => t,
+            None => {
+                let matched = |id: &NodeId| m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+                voters
+                    .iter()
+                    .copied()
+                    .filter(|v| *v != me)
+                    .max_by_key(matched)
+                    .ok_or_else(|| ClusterError::Rejected(format!("node {me} is the only voter: there is no other node to lead")))?
+            }
+        };
+        let addr = membership.get_node(&target).map(|n| n.addr.clone()).unwrap_or_default();
+        tracing::info!(to = target, "handing leadership over");
+        self.hold(Hold::Transfer, true);
+        let outcome = self.await_successor(target, &addr).await;
+        self.hold(Hold::Transfer, false);
+        outcome
+    }
+
+    /// Waits for `target` (or, should it fail, another node) to lead,
+    /// asking it to stand once the followers' leader lease has run out.
+    async fn await_successor(&self, target: NodeId, addr: &str) -> Result<NodeId, ClusterError> {
+        let me = self.id();
+        // Followers refuse votes for one election timeout (max) after the last heartbeat.
+        let lease = self.inner.settings.election_timeout_max;
+        tokio::time::sleep(lease).await;
+        let deadline = Instant::now() + HANDOVER_LIMIT;
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            self.ask_to_stand(target, addr).await;
+            let round = (Instant::now() + lease).min(deadline);
+            loop {
+                if let Some(leader) = metrics.borrow_and_update().current_leader.filter(|l| *l != me) {
+                    tracing::info!(leader, "leadership handed over");
+                    return Ok(leader);
+                }
+                if tokio::time::timeout_at(round.into(), metrics.changed()).await.is_err() {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::Rejected(format!(
+                    "node {target} did not take over within {} ms; node {me} leads on",
+                    (lease + HANDOVER_LIMIT).as_millis()
+                )));
+            }
+        }
+    }
+
+    async fn ask_to_stand(&self, target: NodeId, addr: &str) {
+        let Ok(channel) = self.inner.peers.channel(target, addr) else { return };
+        let mut req = tonic::Request::new(Payload { json: b"null".to_vec() });
+        req.set_timeout(self.inner.settings.election_timeout_max);
+        if let Err(status) = RaftTransportClient::new(channel).elect(req).await {
+            tracing::debug!(node = target, %status, "could not ask the node to stand for election");
+        }
+    }
+
+    /// Stands for election now, as a leader handing over asks.
+    pub(crate) async fn stand(&self) -> Result<(), ClusterError> {
+        if self.is_held_back() {
+            return Err(ClusterError::Rejected(format!("node {} must not lead now", self.id())));
+        }
+        self.inner.raft.trigger().elect().await.map_err(|e| ClusterError::Fatal { node: self.id(), reason: e.to_string() })
     }
 
     fn check_new_member(&self, id: NodeId, addr: &str) -> Result<(), ClusterError> {
@@ -490,19 +611,26 @@ impl Cluster {
         }
     }
 
-    /// Keeps this node from leading while `on`: it stops standing for
-    /// election and, if it leads, stops its heartbeats and refuses writes,
-    /// so the followers elect another leader after their election timeout.
-    /// Off again, it takes part in elections as before.
+    /// Keeps this node from leading while `on` (its self-check fails): it
+    /// stops standing for election and, if it leads, stops its heartbeats and
+    /// refuses writes, so the followers elect another leader after their
+    /// election timeout. Off again, it takes part in elections as before.
     pub fn hold_back(&self, on: bool) {
-        if self.inner.held_back.swap(on, Relaxed) == on {
+        self.hold(Hold::SelfCheck, on);
+    }
+
+    fn hold(&self, reason: Hold, on: bool) {
+        let bit = reason as u8;
+        let before = self.inner.held_back.fetch_update(Relaxed, Relaxed, |h| Some(if on { h | bit } else { h & !bit })).unwrap_or_default();
+        let after = if on { before | bit } else { before & !bit };
+        if (before == 0) == (after == 0) {
             return;
         }
         let config = self.inner.raft.runtime_config();
         config.elect(!on);
         config.heartbeat(!on);
         if on {
-            tracing::warn!("this node stops standing for leadership");
+            tracing::warn!(reason = reason.as_str(), "this node stops standing for leadership");
             tokio::spawn(self.clone().resume_heartbeats_after_stepping_down());
         } else {
             tracing::info!("this node stands for leadership again");
@@ -515,7 +643,7 @@ impl Cluster {
     }
 
     pub fn is_held_back(&self) -> bool {
-        self.inner.held_back.load(Relaxed)
+        self.inner.held_back.load(Relaxed) != 0
     }
 
     /// Heartbeats were stopped to hand leadership over; once another node

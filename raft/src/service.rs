@@ -42,6 +42,10 @@ impl RaftTransport for TransportService {
         encode(&self.cluster.raft().install_snapshot(rpc).await)
     }
 
+    async fn elect(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
+        encode(&self.cluster.stand().await)
+    }
+
     async fn forward(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let op: LeaderOp = decode(req)?;
         encode(&self.cluster.run_as_leader(op).await)

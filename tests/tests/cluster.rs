@@ -306,3 +306,35 @@ fn an_unreachable_peer_is_logged_once_not_per_rpc() {
         c.node(leader).log().lines().any(|l| l.contains(&format!("peer={peer}")) && l.contains("reachable again")).then_some(())
     });
 }
+
+#[test]
+fn leader_transfer_hands_leadership_to_the_chosen_voter_and_writes_go_on() {
+    let c = Cluster::formed(3);
+    let old = c.agreed_leader(Duration::from_secs(2));
+    let target = if old == 3 { 2 } else { 3 };
+    // Asked through a follower: the request is forwarded to the leader.
+    let via = [1, 2, 3].into_iter().find(|id| *id != old && *id != target).unwrap();
+    let started = Instant::now();
+    let out = lbctl(&c.endpoint(via), &["leader", "transfer", &target.to_string(), "--json"]).json();
+    let took = started.elapsed();
+    eprintln!("leadership moved from node {old} to node {target} in {} ms ({took:?} with lbctl)", out["took_ms"]);
+    assert_eq!(out["leader"], target, "{out}");
+    assert_eq!(c.agreed_leader(Duration::from_secs(2)), target);
+    // A crash failover waits a lease and a randomised election timeout (about
+    // 0.5 s); a handoff waits the lease and one election round.
+    assert!(out["took_ms"].as_u64().unwrap() < 1500, "{out}");
+    let v = apply(&c.endpoint(old), &spec_file(&c, "after.yaml", &loopback_spec(5)));
+    assert_eq!(v, 1, "the old leader forwards writes to the new one");
+
+    // Without a target: the voter furthest along takes over.
+    let out = lbctl(&c.endpoint(target), &["leader", "transfer", "--json"]).json();
+    assert_ne!(out["leader"], target, "{out}");
+    assert_eq!(c.agreed_leader(Duration::from_secs(2)), out["leader"].as_u64().unwrap());
+
+    let leader = out["leader"].as_u64().unwrap();
+    let bad = lbctl(&c.endpoint(1), &["leader", "transfer", &leader.to_string()]);
+    assert!(!bad.ok && bad.stderr.contains(&format!("node {leader} already leads")), "{}", bad.stderr);
+    let bad = lbctl(&c.endpoint(1), &["leader", "transfer", "9"]);
+    assert!(!bad.ok && bad.stderr.contains("node 9 is not a voter: the voters are 1, 2, 3"), "{}", bad.stderr);
+    assert_eq!(c.agreed_leader(Duration::from_secs(2)), leader, "a refused transfer moves nothing");
+}
