@@ -121,6 +121,12 @@ pub const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 /// How long a handoff may take after the lease ran out before it is given up.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long before the successor is asked to stand the VIPs are released.
+const RELEASE_AHEAD: Duration = Duration::from_millis(30);
+
+/// How long the handoff waits for the VIP manager to say it released.
+const RELEASE_WAIT: Duration = Duration::from_millis(200);
+
 /// Why a node keeps itself from leading.
 #[derive(Debug, Clone, Copy)]
 enum Hold {
@@ -178,6 +184,18 @@ struct Inner {
     /// set it does not stand for election, and as leader it stops heartbeats
     /// and writes so that a follower takes over.
     held_back: AtomicU8,
+    handover: watch::Sender<Handover>,
+}
+
+/// Where a planned handoff of leadership stands, for the VIP manager: the
+/// outgoing leader keeps its VIPs until `Releasing::at` (followers refuse
+/// to vote until a little after it), releases them, and says so; only then
+/// is the successor asked to stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    Idle,
+    Releasing { at: Instant },
+    Released,
 }
 
 impl Cluster {
@@ -206,7 +224,16 @@ impl Cluster {
         let raft = Raft::new(node, Arc::new(config), Network { peers: peers.clone() }, log, sm)
             .await
             .map_err(|e| ClusterError::Fatal { node, reason: e.to_string() })?;
-        let cluster = Cluster { inner: Arc::new(Inner { settings, raft, peers, applied, held_back: AtomicU8::new(0) }) };
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                settings,
+                raft,
+                peers,
+                applied,
+                held_back: AtomicU8::new(0),
+                handover: watch::channel(Handover::Idle).0,
+            }),
+        };
         tokio::spawn(cluster.clone().log_leadership());
         tokio::spawn(cluster.clone().report_version());
         Ok(cluster)
@@ -466,17 +493,25 @@ impl Cluster {
         tracing::info!(to = target, "handing leadership over");
         self.hold(Hold::Transfer, true);
         let outcome = self.await_successor(target, &addr).await;
+        self.inner.handover.send_replace(Handover::Idle);
         self.hold(Hold::Transfer, false);
         outcome
     }
 
-    /// Waits for `target` (or, should it fail, another node) to lead,
-    /// asking it to stand once the followers' leader lease has run out.
+    /// Waits out the followers' leader lease (one election timeout, max,
+    /// after the last heartbeat), has the VIPs released just before it ends,
+    /// then asks `target` to stand and waits for it (or, should it fail,
+    /// another node) to lead.
     async fn await_successor(&self, target: NodeId, addr: &str) -> Result<NodeId, ClusterError> {
         let me = self.id();
-        // Followers refuse votes for one election timeout (max) after the last heartbeat.
         let lease = self.inner.settings.election_timeout_max;
-        tokio::time::sleep(lease).await;
+        let stand_at = Instant::now() + lease;
+        self.inner.handover.send_replace(Handover::Releasing { at: stand_at - RELEASE_AHEAD });
+        tokio::time::sleep_until(stand_at.into()).await;
+        let mut handover = self.inner.handover.subscribe();
+        if tokio::time::timeout(RELEASE_WAIT, handover.wait_for(|h| *h == Handover::Released)).await.is_err() {
+            tracing::warn!("the VIP manager did not confirm the release in time; handing over all the same");
+        }
         let deadline = Instant::now() + HANDOVER_LIMIT;
         let mut metrics = self.inner.raft.metrics();
         loop {
@@ -498,6 +533,22 @@ impl Cluster {
                 )));
             }
         }
+    }
+
+    /// Follows planned handoffs of leadership (for the VIP manager).
+    pub fn handover(&self) -> watch::Receiver<Handover> {
+        self.inner.handover.subscribe()
+    }
+
+    /// The VIP manager released its VIPs for the handoff under way.
+    pub fn handover_released(&self) {
+        self.inner.handover.send_if_modified(|h| {
+            let releasing = matches!(h, Handover::Releasing { .. });
+            if releasing {
+                *h = Handover::Released;
+            }
+            releasing
+        });
     }
 
     async fn ask_to_stand(&self, target: NodeId, addr: &str) {

@@ -12,7 +12,7 @@ pub mod store;
 
 use std::io::Cursor;
 
-pub use cluster::{Cluster, MemberRole, MemberStatus, Membership, Settings, Status};
+pub use cluster::{Cluster, Handover, MemberRole, MemberStatus, Membership, Settings, Status};
 pub use error::ClusterError;
 pub use health::{AdminState, HealthState, ObservedChange, ServerHealth};
 pub use state::{ClusterState, Command, CommandResult, ConfigVersion, NodeInfo};
