@@ -44,6 +44,9 @@ enum Cmd {
     /// Move leadership on purpose.
     #[command(subcommand)]
     Leader(LeaderCmd),
+    /// Where the VIPs are, and moving them.
+    #[command(subcommand)]
+    Vip(VipCmd),
     /// Apply, inspect and roll back the cluster spec.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -116,6 +119,14 @@ enum LeaderCmd {
     /// Hand leadership to NODE (default: the voter whose log is furthest along),
     /// faster and cleaner than a crash failover: for maintenance of the leader.
     Transfer { node: Option<u64> },
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    /// Each VIP of the spec and the node that holds it now, with since when and the term.
+    List,
+    /// Move VIP to NODE: a planned handoff of leadership (the leader holds every VIP).
+    Move { vip: String, node: u64 },
 }
 
 #[derive(Subcommand)]
@@ -195,6 +206,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = admin.leader_transfer(c.request(LeaderTransferRequest { node })).await.map_err(|s| c.fail(s))?.into_inner();
             emit(json_out, json!({ "from": r.from, "leader": r.leader, "took_ms": r.took_ms }), || {
                 format!("node {} leads now (was node {}); the handoff took {} ms", r.leader, r.from, r.took_ms)
+            });
+        }
+        Cmd::Vip(VipCmd::List) => {
+            let r = admin.vip_list(c.request(VipListRequest {})).await.map_err(|s| c.fail(s))?.into_inner();
+            print_vips(json_out, &r);
+        }
+        Cmd::Vip(VipCmd::Move { vip, node }) => {
+            let r = admin.vip_move(c.request(VipMoveRequest { vip: vip.clone(), node })).await.map_err(|s| c.fail(s))?.into_inner();
+            emit(json_out, json!({ "vip": vip, "from": r.from, "node": r.leader, "took_ms": r.took_ms }), || {
+                format!("{vip} moved from node {} to node {} (with leadership and every other VIP) in {} ms", r.from, r.leader, r.took_ms)
             });
         }
         Cmd::Config(ConfigCmd::Apply { dry_run, .. }) => {
@@ -407,6 +428,36 @@ fn print_health(json_out: bool, r: &HealthReply) {
         }
         format!("policy: {}   (view of node {})\n\n{}", r.policy, r.answered_by, table(&rows))
     });
+}
+
+fn print_vips(json_out: bool, r: &VipListReply) {
+    if json_out {
+        let mut list: Vec<_> = r
+            .vips
+            .iter()
+            .map(|v| json!({ "vip": v.vip, "node": v.node, "interface": v.interface, "since_ms": v.since_ms, "term": v.term }))
+            .collect();
+        list.extend(r.unheld.iter().map(|v| json!({ "vip": v, "node": null })));
+        println!("{}", serde_json::Value::Array(list));
+        return;
+    }
+    let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let mut rows = vec![["VIP", "NODE", "INTERFACE", "SINCE", "TERM"].map(String::from).to_vec()];
+    for v in &r.vips {
+        let since = humantime::format_duration(Duration::from_secs(now.saturating_sub(v.since_ms) / 1000)).to_string();
+        rows.push(vec![v.vip.clone(), v.node.to_string(), v.interface.clone(), format!("{since} ago"), v.term.to_string()]);
+    }
+    for v in &r.unheld {
+        rows.push(vec![v.clone(), "-".into(), "-".into(), "-".into(), "-".into()]);
+    }
+    let mut out = if rows.len() == 1 { "the spec in force has no VIPs".to_owned() } else { table(&rows) };
+    for id in &r.unreachable {
+        out.push_str(&format!("\nnode {id} did not answer: it may hold a VIP not listed"));
+    }
+    for p in &r.problems {
+        out.push_str(&format!("\n{p}"));
+    }
+    println!("{out}");
 }
 
 fn print_members(json_out: bool, what: &str, r: &NodeChangeReply) {

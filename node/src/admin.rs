@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::dataplane::runtime::RuntimeWatch;
 use crate::health::{now_ms, Health};
+use crate::vip::VipStatus;
 
 /// How long a node waits for another node's admin API (the leader for a
 /// status view, a joining node for its identity).
@@ -25,11 +26,12 @@ pub struct AdminService {
     cluster: Cluster,
     health: Arc<Health>,
     runtime: RuntimeWatch,
+    vips: Arc<VipStatus>,
 }
 
 impl AdminService {
-    pub fn new(cluster: Cluster, health: Arc<Health>, runtime: RuntimeWatch) -> Self {
-        AdminService { cluster, health, runtime }
+    pub fn new(cluster: Cluster, health: Arc<Health>, runtime: RuntimeWatch, vips: Arc<VipStatus>) -> Self {
+        AdminService { cluster, health, runtime, vips }
     }
 
     fn local_status(&self) -> ClusterStatusReply {
@@ -103,26 +105,51 @@ impl AdminService {
         HealthLocalReply { node: self.cluster.id(), servers, view: self.health.mode().as_str().to_owned() }
     }
 
-    /// Every member's own health, asked at once; a member that does not
-    /// answer within the peer timeout is left out.
-    async fn member_views(&self, members: Vec<(u64, String)>) -> HashMap<u64, HealthLocalReply> {
+    /// Asks every other member at once with `ask` and adds `mine`, this
+    /// node's own answer; a member that does not answer within the peer
+    /// timeout is left out.
+    async fn ask_members<T, F, Fut>(&self, mine: T, ask: F) -> HashMap<u64, T>
+    where
+        T: Send + 'static,
+        F: Fn(AdminClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>> + Send + 'static,
+    {
         let me = self.cluster.id();
+        let members: Vec<(u64, String)> = self.cluster.applied().state.nodes.values().map(|n| (n.id, n.addr.clone())).collect();
         let mut asks = tokio::task::JoinSet::new();
         for (id, addr) in members.into_iter().filter(|(id, _)| *id != me) {
-            asks.spawn(async move {
-                let mut client = connect(&addr).await.ok()?;
-                let mut req = Request::new(HealthLocalRequest {});
-                req.set_timeout(PEER_TIMEOUT);
-                client.health_local(req).await.ok().map(|r| (id, r.into_inner()))
-            });
+            let Ok(client) = connect(&addr).await else { continue };
+            let call = ask(client);
+            asks.spawn(async move { tokio::time::timeout(PEER_TIMEOUT, call).await.ok()?.ok().map(|r| (id, r.into_inner())) });
         }
-        let mut views = HashMap::from([(me, self.local_health())]);
+        let mut answers = HashMap::from([(me, mine)]);
         while let Some(answer) = asks.join_next().await {
             if let Ok(Some((id, reply))) = answer {
-                views.insert(id, reply);
+                answers.insert(id, reply);
             }
         }
-        views
+        answers
+    }
+
+    fn local_vips(&self) -> VipLocalReply {
+        let vips = self
+            .vips
+            .held()
+            .into_iter()
+            .map(|h| HeldVip {
+                vip: h.vip.to_string(),
+                node: self.cluster.id(),
+                interface: h.interface,
+                since_ms: h.since_ms,
+                term: h.term,
+            })
+            .collect();
+        VipLocalReply {
+            node: self.cluster.id(),
+            vips,
+            last_error: self.vips.last_error.lock().expect("vip status lock").clone().unwrap_or_default(),
+            hook_failures: self.vips.hook_failures.load(Relaxed),
+        }
     }
 
     fn spec_yaml(&self, version: u64) -> Result<(u64, String), Status> {
@@ -205,7 +232,7 @@ impl Admin for AdminService {
         if !backend.is_empty() {
             state.backend(&backend).map_err(Status::not_found)?;
         }
-        let views = self.member_views(state.nodes.values().map(|n| (n.id, n.addr.clone())).collect()).await;
+        let views = self.ask_members(self.local_health(), |mut c| async move { c.health_local(HealthLocalRequest {}).await }).await;
         let mut servers = Vec::new();
         for (b, members) in state.health.backends.iter().filter(|(b, _)| backend.is_empty() || **b == backend) {
             for (name, h) in members {
@@ -309,6 +336,42 @@ impl Admin for AdminService {
         let from = self.cluster.leader().unwrap_or_default();
         let started = std::time::Instant::now();
         let leader = self.cluster.transfer_leadership(req.into_inner().node).await.map_err(status_of)?;
+        Ok(Response::new(LeaderTransferReply { from, leader, took_ms: started.elapsed().as_millis() as u64 }))
+    }
+
+    async fn vip_list(&self, _: Request<VipListRequest>) -> Result<Response<VipListReply>, Status> {
+        let applied = self.cluster.applied();
+        let spec_vips: Vec<String> =
+            applied.state.current().map(|c| c.spec.vips.iter().map(|v| v.address.0.to_string()).collect()).unwrap_or_default();
+        let answers = self.ask_members(self.local_vips(), |mut c| async move { c.vip_local(VipLocalRequest {}).await }).await;
+        let mut vips: Vec<HeldVip> = answers.values().flat_map(|a| a.vips.iter().cloned()).collect();
+        vips.sort_by(|a, b| (&a.vip, a.node).cmp(&(&b.vip, b.node)));
+        let unheld = spec_vips.into_iter().filter(|v| !vips.iter().any(|h| h.vip == *v)).collect();
+        let unreachable = applied.state.nodes.keys().filter(|id| !answers.contains_key(id)).copied().collect();
+        let problems =
+            answers.values().filter(|a| !a.last_error.is_empty()).map(|a| format!("node {}: {}", a.node, a.last_error)).collect();
+        Ok(Response::new(VipListReply { vips, unheld, unreachable, problems }))
+    }
+
+    async fn vip_local(&self, _: Request<VipLocalRequest>) -> Result<Response<VipLocalReply>, Status> {
+        Ok(Response::new(self.local_vips()))
+    }
+
+    async fn vip_move(&self, req: Request<VipMoveRequest>) -> Result<Response<LeaderTransferReply>, Status> {
+        let VipMoveRequest { vip, node } = req.into_inner();
+        let applied = self.cluster.applied();
+        let known: Vec<String> =
+            applied.state.current().map(|c| c.spec.vips.iter().map(|v| v.address.0.to_string()).collect()).unwrap_or_default();
+        let matches = |k: &String| *k == vip || k.split('/').next() == Some(vip.as_str());
+        if !known.iter().any(matches) {
+            let listed =
+                if known.is_empty() { "the spec in force has none".to_owned() } else { format!("the VIPs are {}", known.join(", ")) };
+            return Err(Status::not_found(format!("{vip} is not a VIP of the spec: {listed}")));
+        }
+        // The leader holds every VIP: moving one moves leadership, and with it all of them.
+        let from = self.cluster.leader().unwrap_or_default();
+        let started = std::time::Instant::now();
+        let leader = self.cluster.transfer_leadership(Some(node)).await.map_err(status_of)?;
         Ok(Response::new(LeaderTransferReply { from, leader, took_ms: started.elapsed().as_millis() as u64 }))
     }
 

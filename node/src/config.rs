@@ -38,6 +38,8 @@ pub struct NodeConfig {
     #[serde(default)]
     pub self_check: SelfCheck,
     #[serde(default)]
+    pub vip: VipSettings,
+    #[serde(default)]
     pub raft: RaftTimings,
     #[serde(default)]
     pub log: LogSettings,
@@ -89,6 +91,56 @@ impl Default for SelfCheck {
     fn default() -> Self {
         SelfCheck { interval: Duration::from_millis(500), fall: 3, rise: 2 }
     }
+}
+
+/// How the leader holds the VIPs of the spec.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VipSettings {
+    pub fencing: Fencing,
+    /// The holder keeps its VIPs only while a quorum acknowledged it within this.
+    pub lease: Duration,
+    /// Each VIP is added valid for this long and refreshed while the lease
+    /// holds: the kernel removes the address of a frozen holder by itself.
+    pub lifetime: Duration,
+    /// Announcements (gratuitous ARP, neighbour advertisement) sent at once on takeover.
+    pub announce_burst: u32,
+    /// A second burst this long after the takeover.
+    pub announce_again_after: Duration,
+    /// Then one announcement every this long while holding.
+    pub announce_every: Duration,
+    /// Run on acquiring a VIP, with RAFTLB_VIP, RAFTLB_NODE and RAFTLB_EVENT=acquire
+    /// in its environment (for networks that ignore ARP: move a cloud address).
+    pub on_acquire: Option<String>,
+    /// The same on releasing a VIP (RAFTLB_EVENT=release).
+    pub on_release: Option<String>,
+}
+
+impl Default for VipSettings {
+    fn default() -> Self {
+        VipSettings {
+            fencing: Fencing::Lease,
+            lease: Duration::from_millis(100),
+            lifetime: Duration::from_secs(1),
+            announce_burst: 3,
+            announce_again_after: Duration::from_secs(1),
+            announce_every: Duration::from_secs(10),
+            on_acquire: None,
+            on_release: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fencing {
+    /// Take the VIPs over right after election; a frozen holder's address
+    /// lingers at most one `lifetime`.
+    #[default]
+    Lease,
+    /// Wait out the previous holder's address lifetime before adding the
+    /// VIPs: never two holders, at the cost of a slower failover.
+    Strict,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -166,6 +218,7 @@ pub struct Resolved {
     pub monitor: Option<SocketAddr>,
     pub source: Option<IpAddr>,
     pub self_check: SelfCheck,
+    pub vip: VipSettings,
     pub log: LogSettings,
 }
 
@@ -233,6 +286,17 @@ impl Overrides {
                 c.rise
             );
         }
+        let v = &file.vip;
+        if v.lease.is_zero() || v.lease >= t.election_timeout_min {
+            bail!(
+                "vip.lease ({}) must be above zero and below raft.election_timeout_min ({}): a holder must drop its VIPs before another node can be elected",
+                v.lease,
+                t.election_timeout_min
+            );
+        }
+        if v.lifetime.get() < std::time::Duration::from_secs(1) || v.lifetime.get().subsec_nanos() != 0 {
+            bail!("vip.lifetime ({}) must be whole seconds, at least 1s: the kernel counts address lifetimes in seconds", v.lifetime);
+        }
         let mut bind_rewrite: BindRewrite = file.bind_rewrite.into_iter().collect();
         bind_rewrite.extend(self.bind_rewrite);
         Ok(Resolved {
@@ -243,6 +307,7 @@ impl Overrides {
             monitor: self.monitor.or(file.monitor),
             source: self.source.or(file.source),
             self_check: file.self_check,
+            vip: file.vip,
             log: file.log,
         })
     }

@@ -19,9 +19,13 @@ use crate::dataplane::DataPlane;
 use crate::health::selfcheck::SelfChecker;
 use crate::health::{checker, view, Health};
 use crate::monitor;
+use crate::vip::{VipManager, VipStatus};
+
+/// How long a stopping leader tries to hand leadership over.
+const HANDOFF_ON_STOP: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub async fn run(node: Resolved) -> anyhow::Result<()> {
-    let Resolved { settings, bind_rewrite, threads, listen, monitor, source, self_check, .. } = node;
+    let Resolved { settings, bind_rewrite, threads, listen, monitor, source, self_check, vip, .. } = node;
     // Bind first: a taken port fails before the data dir is touched.
     let incoming =
         TcpIncoming::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen} (--listen): {e}"))?.with_nodelay(Some(true));
@@ -59,19 +63,34 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
         settings: self_check,
     };
     tokio::spawn(selfcheck.run());
+    let vips = Arc::new(VipStatus::default());
+    let (stop_vips, vips_stopped) = tokio::sync::watch::channel(false);
+    let manager = VipManager::new(cluster.clone(), vip, vips.clone()).context("cannot open a netlink socket for the VIPs")?;
+    let vip_task = tokio::spawn(manager.run(vips_stopped));
     if let Some(listener) = monitor_listener {
         tokio::spawn(monitor::serve(listener, cluster.clone(), shared));
     }
 
+    let leaving = cluster.clone();
     let stop = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        // A leader hands over first: the VIPs move by a planned handoff, not a failover.
+        if leaving.leader() == Some(leaving.id()) && leaving.status().members.len() > 1 {
+            match tokio::time::timeout(HANDOFF_ON_STOP, leaving.transfer_leadership(None)).await {
+                Ok(Ok(next)) => tracing::info!(leader = next, "handed leadership over before stopping"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not hand leadership over; the others elect a leader"),
+                Err(_) => tracing::warn!("handing leadership over took too long; the others elect a leader"),
+            }
+        }
+        let _ = stop_vips.send(true);
+        let _ = vip_task.await;
     };
     Server::builder()
         .add_service(cluster.transport_service())
-        .add_service(AdminServer::new(AdminService::new(cluster.clone(), health, runtime)))
+        .add_service(AdminServer::new(AdminService::new(cluster.clone(), health, runtime, vips)))
         .serve_with_incoming_shutdown(incoming, stop)
         .await
         .context("the gRPC server failed")?;

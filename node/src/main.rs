@@ -10,6 +10,7 @@ mod demo;
 mod health;
 mod monitor;
 mod stats;
+mod vip;
 
 use std::process::ExitCode;
 

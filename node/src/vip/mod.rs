@@ -1,0 +1,287 @@
+//! VIP ownership. The leader holds every VIP of the spec, and only while it
+//! can prove it leads: a quorum acknowledged it within `vip.lease`, which is
+//! shorter than any election could take. Past that it removes them at once.
+//! Each VIP is added with a short address lifetime and refreshed while the
+//! lease holds, so the kernel removes the address of a holder too frozen to
+//! fence itself. A planned handoff keeps the VIPs until just before the
+//! successor may be elected. See docs/fencing.md for the timing argument.
+
+mod announce;
+mod netlink;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use openraft::ServerState;
+use raftlb_proto::spec::Vip;
+use raftlb_raft::{Cluster, Handover};
+use tokio::sync::watch;
+
+use crate::config::{Fencing, VipSettings};
+use crate::health::now_ms;
+use netlink::{Link, Netlink};
+
+/// How often the manager looks at the lease, besides every change.
+const TICK: Duration = Duration::from_millis(10);
+
+/// A VIP this node holds now, as `lbctl vip list` shows it.
+#[derive(Debug, Clone)]
+pub struct HeldVip {
+    pub vip: IpNet,
+    pub interface: String,
+    pub since_ms: u64,
+    pub term: u64,
+}
+
+/// What the manager holds, for the admin API.
+#[derive(Default)]
+pub struct VipStatus {
+    held: Mutex<Vec<HeldVip>>,
+    /// Problems adding or announcing, and hooks that failed: the last one, and how many.
+    pub last_error: Mutex<Option<String>>,
+    pub hook_failures: std::sync::atomic::AtomicU64,
+}
+
+impl VipStatus {
+    pub fn held(&self) -> Vec<HeldVip> {
+        self.held.lock().expect("vip status lock").clone()
+    }
+}
+
+struct Held {
+    link: Link,
+    since_ms: u64,
+    term: u64,
+    refreshed: Instant,
+    next_announce: Instant,
+    /// Rounds of announcements sent so far.
+    announced: u8,
+}
+
+pub struct VipManager {
+    cluster: Cluster,
+    settings: VipSettings,
+    netlink: Netlink,
+    status: Arc<VipStatus>,
+    held: BTreeMap<IpNet, Held>,
+    /// When the last quorum acknowledgement came, as leader.
+    acked_at: Option<Instant>,
+    /// The term this node leads in, and since when.
+    leading: Option<(u64, Instant)>,
+}
+
+impl VipManager {
+    pub fn new(cluster: Cluster, settings: VipSettings, status: Arc<VipStatus>) -> std::io::Result<VipManager> {
+        Ok(VipManager { cluster, settings, netlink: Netlink::connect()?, status, held: BTreeMap::new(), acked_at: None, leading: None })
+    }
+
+    /// Holds the VIPs while this node may, until `stop` turns true; then
+    /// releases them.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        self.remove_stale().await;
+        let mut metrics = self.cluster.raft().metrics();
+        let mut applied = self.cluster.subscribe();
+        let mut handover = self.cluster.handover();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = metrics.changed() => {
+                    if changed.is_err() { break }
+                    self.note_metrics(&metrics.borrow_and_update());
+                }
+                changed = applied.changed() => if changed.is_err() { break },
+                changed = handover.changed() => if changed.is_err() { break },
+                _ = stop.changed() => break,
+            }
+            let state = *handover.borrow();
+            self.step(state).await;
+        }
+        self.release_all("the node stops").await;
+    }
+
+    fn note_metrics(&mut self, m: &openraft::RaftMetrics<u64, openraft::BasicNode>) {
+        let now = Instant::now();
+        if m.state != ServerState::Leader {
+            self.acked_at = None;
+            self.leading = None;
+            return;
+        }
+        if self.leading.is_none_or(|(term, _)| term != m.current_term) {
+            self.leading = Some((m.current_term, now));
+        }
+        let alone = m.membership_config.membership().voter_ids().count() == 1;
+        // Read right after openraft published it: `now - age` is when the quorum last acknowledged.
+        let acked = if alone { Some(now) } else { m.millis_since_quorum_ack.map(|ms| now - Duration::from_millis(ms)) };
+        self.acked_at = acked.max(self.acked_at.filter(|_| acked.is_some()));
+    }
+
+    /// Whether this node may hold VIPs now, and if not, why.
+    fn entitled(&self, handover: Handover) -> Result<(), &'static str> {
+        let now = Instant::now();
+        match handover {
+            // Handing over: keep what is held until just before the successor may be elected.
+            Handover::Releasing { at } if now < at && !self.held.is_empty() => return Ok(()),
+            Handover::Releasing { .. } | Handover::Released => return Err("leadership is handed over"),
+            Handover::Idle => {}
+        }
+        let Some((_, since)) = self.leading else { return Err("this node does not lead") };
+        if self.acked_at.is_none_or(|t| now.duration_since(t) >= self.settings.lease.get()) {
+            return Err("no quorum acknowledged this node within the lease");
+        }
+        // Strict fencing: the previous holder's addresses expire within one lifetime.
+        if self.settings.fencing == Fencing::Strict && self.held.is_empty() && now.duration_since(since) < self.settings.lifetime.get() {
+            return Err("strict fencing: waiting out the previous holder's address lifetime");
+        }
+        Ok(())
+    }
+
+    async fn step(&mut self, handover: Handover) {
+        let wanted: Vec<Vip> = self.cluster.applied().state.current().map(|c| c.spec.vips.clone()).unwrap_or_default();
+        // VIPs the spec no longer has are released whatever else happens.
+        let dropped: Vec<IpNet> = self.held.keys().filter(|v| !wanted.iter().any(|w| w.address.0 == **v)).copied().collect();
+        for vip in dropped {
+            self.release(vip, "the spec no longer has it").await;
+        }
+        match self.entitled(handover) {
+            Ok(()) => {
+                for vip in &wanted {
+                    self.hold(vip).await;
+                }
+            }
+            Err(why) => {
+                self.release_all(why).await;
+                if matches!(handover, Handover::Releasing { at } if Instant::now() >= at) {
+                    self.cluster.handover_released();
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Adds the VIP if this node does not hold it yet, refreshes its lifetime
+    /// when due, and announces it when due.
+    async fn hold(&mut self, vip: &Vip) {
+        let net = vip.address.0;
+        let now = Instant::now();
+        let lifetime = self.settings.lifetime.get();
+        if !self.held.contains_key(&net) {
+            let link = match self.netlink.link_for(&net, &vip.interface).await {
+                Ok(link) => link,
+                Err(e) => return self.failed(e),
+            };
+            if let Err(e) = self.netlink.add(&link, &net, lifetime.as_secs() as u32).await {
+                return self.failed(e);
+            }
+            let term = self.leading.map_or(0, |(t, _)| t);
+            tracing::info!(vip = %net, interface = %link.name, term, "VIP acquired");
+            self.hook("acquire", net);
+            let held = Held { link, since_ms: now_ms(), term, refreshed: now, next_announce: now, announced: 0 };
+            self.held.insert(net, held);
+        }
+        let held = self.held.get_mut(&net).expect("held above");
+        // Four refreshes a lifetime: a late one or two still keeps the address.
+        if now.duration_since(held.refreshed) >= lifetime / 4 {
+            match self.netlink.add(&held.link, &net, lifetime.as_secs() as u32).await {
+                Ok(()) => held.refreshed = now,
+                Err(e) => tracing::warn!(vip = %net, error = %e, "cannot refresh the VIP's lifetime"),
+            }
+        }
+        if now >= held.next_announce {
+            // The takeover burst, a second burst a moment later, then one now and then.
+            let count = if held.announced < 2 { self.settings.announce_burst.max(1) } else { 1 };
+            for _ in 0..count {
+                if let Err(e) = announce::announce(&held.link, net.addr()) {
+                    tracing::warn!(vip = %net, error = %e, "cannot announce the VIP");
+                    break;
+                }
+            }
+            held.next_announce =
+                now + if held.announced == 0 { self.settings.announce_again_after.get() } else { self.settings.announce_every.get() };
+            held.announced = held.announced.saturating_add(1);
+        }
+    }
+
+    async fn release(&mut self, vip: IpNet, why: &str) {
+        if self.held.remove(&vip).is_none() {
+            return;
+        }
+        match self.netlink.remove(&vip).await {
+            Ok(_) => tracing::info!(vip = %vip, reason = why, "VIP released"),
+            Err(e) => tracing::error!(vip = %vip, error = %e, "cannot remove the VIP; its address lifetime removes it"),
+        }
+        self.hook("release", vip);
+    }
+
+    async fn release_all(&mut self, why: &str) {
+        let held: Vec<IpNet> = self.held.keys().copied().collect();
+        for vip in held {
+            self.release(vip, why).await;
+        }
+        self.publish();
+    }
+
+    /// A crashed run may have left VIPs on the interfaces: none is this
+    /// node's until it leads again.
+    async fn remove_stale(&mut self) {
+        let vips: Vec<Vip> = self.cluster.applied().state.current().map(|c| c.spec.vips.clone()).unwrap_or_default();
+        for vip in vips {
+            match self.netlink.remove(&vip.address.0).await {
+                Ok(0) => {}
+                Ok(_) => tracing::warn!(vip = %vip.address.0, "removed a VIP left by an earlier run"),
+                Err(e) => self.failed(e),
+            }
+        }
+    }
+
+    /// Runs the configured hook for `event`, without waiting for it: a hook
+    /// never holds up fencing. Its failure is logged and counted.
+    fn hook(&self, event: &'static str, vip: IpNet) {
+        let command = match event {
+            "acquire" => self.settings.on_acquire.clone(),
+            _ => self.settings.on_release.clone(),
+        };
+        let Some(command) = command else { return };
+        let status = self.status.clone();
+        let node = self.cluster.id().to_string();
+        tokio::spawn(async move {
+            let outcome = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .env("RAFTLB_VIP", vip.to_string())
+                .env("RAFTLB_NODE", node)
+                .env("RAFTLB_EVENT", event)
+                .status()
+                .await;
+            let failure = match outcome {
+                Ok(s) if s.success() => return,
+                Ok(s) => format!("the {event} hook for {vip} exited with {s}"),
+                Err(e) => format!("the {event} hook for {vip} did not run: {e}"),
+            };
+            tracing::error!(hook = %command, "{failure}");
+            status.hook_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *status.last_error.lock().expect("vip status lock") = Some(failure);
+        });
+    }
+
+    fn failed(&self, error: String) {
+        let mut last = self.status.last_error.lock().expect("vip status lock");
+        // Said once, not every tick.
+        if last.as_deref() != Some(error.as_str()) {
+            tracing::error!(error = %error, "VIP");
+            *last = Some(error);
+        }
+    }
+
+    fn publish(&self) {
+        let held = self
+            .held
+            .iter()
+            .map(|(vip, h)| HeldVip { vip: *vip, interface: h.link.name.clone(), since_ms: h.since_ms, term: h.term })
+            .collect();
+        *self.status.held.lock().expect("vip status lock") = held;
+    }
+}
