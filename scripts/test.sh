@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the build and the tests use. protoc is not among them: it
-# comes from the protoc-bin-vendored crate.
-packages=(gcc libc6-dev)
+# Debian packages the build and the tests use (the VIP tests build network
+# namespaces with iproute2 and partition them with iptables). protoc is not
+# among them: it comes from the protoc-bin-vendored crate.
+packages=(gcc libc6-dev iproute2 iptables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

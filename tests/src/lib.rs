@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod netns;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -71,6 +72,9 @@ pub struct Node {
     pub data_dir: PathBuf,
     /// A node config file passed with --config, if the test wrote one.
     pub config: Option<PathBuf>,
+    /// The network namespace the node runs in; `None`: loopback, where it
+    /// serves frontends and connects to servers from its own 127.0.0.N.
+    pub netns: Option<String>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -92,16 +96,27 @@ impl Node {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("the node log");
-        let mut cmd = Command::new(binary("lbnode"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                // `ip netns exec` enters the namespace and execs lbnode: the pid is lbnode's.
+                cmd.args(["netns", "exec", ns]).arg(binary("lbnode"));
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(binary("lbnode"));
+                // Several nodes on one host: node N serves frontends bound to 127.0.0.1 on 127.0.0.N,
+                // and connects to servers from 127.0.0.N, so a server can tell the nodes apart.
+                cmd.args(["--bind-rewrite", &format!("127.0.0.1=127.0.0.{}", self.id)]);
+                cmd.args(["--source", &format!("127.0.0.{}", self.id)]);
+                cmd
+            }
+        };
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
         }
         let child = cmd
             .args(["--id", &self.id.to_string(), "--listen", &self.endpoint(), "--monitor", &self.monitor.to_string()])
-            // Several nodes on one host: node N serves frontends bound to 127.0.0.1 on 127.0.0.N,
-            // and connects to servers from 127.0.0.N, so a server can tell the nodes apart.
-            .args(["--bind-rewrite", &format!("127.0.0.1=127.0.0.{}", self.id)])
-            .args(["--source", &format!("127.0.0.{}", self.id)])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "info,openraft=off")
@@ -170,7 +185,20 @@ impl Lbctl {
 
 /// Runs lbctl against `endpoint` with `args`.
 pub fn lbctl(endpoint: &str, args: &[&str]) -> Lbctl {
-    let out: Output = Command::new(binary("lbctl"))
+    lbctl_in(None, endpoint, args)
+}
+
+/// Runs lbctl inside network namespace `netns`, if given.
+pub fn lbctl_in(netns: Option<&str>, endpoint: &str, args: &[&str]) -> Lbctl {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(binary("lbctl"));
+            cmd
+        }
+        None => Command::new(binary("lbctl")),
+    };
+    let out: Output = cmd
         .args(["--endpoint", endpoint, "--timeout", "20s"])
         .args(args)
         .env_remove("LBCTL_ENDPOINT")
@@ -187,6 +215,8 @@ pub fn lbctl(endpoint: &str, args: &[&str]) -> Lbctl {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub dir: TempDir,
+    /// The namespaces the nodes run in, if they do; removed after the nodes stop.
+    pub topology: Option<netns::Topology>,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -212,11 +242,12 @@ impl Cluster {
                 monitor: SocketAddr::from(([127, 0, 0, 1], free_port())),
                 data_dir: dir.path().join(format!("node{id}")),
                 config: config.clone(),
+                netns: None,
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,
             })
             .collect();
-        let mut cluster = Cluster { nodes, dir, _serial: serial };
+        let mut cluster = Cluster { nodes, dir, topology: None, _serial: serial };
         for i in 0..cluster.nodes.len() {
             cluster.nodes[i].start();
         }
@@ -224,6 +255,46 @@ impl Cluster {
             cluster.wait_until_answers(node.id);
         }
         cluster
+    }
+
+    /// Three nodes in a fresh namespace topology (`scripts/netns.sh`): node
+    /// N in PREFIX-nN at 192.0.2.1N:7001, formed into a cluster.
+    pub fn formed_in_namespaces(node_config: Option<&str>) -> Cluster {
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let topology = netns::Topology::up();
+        let dir = TempDir::new().expect("a temporary directory");
+        let config = node_config.map(|text| {
+            let path = dir.path().join("node.yaml");
+            std::fs::write(&path, text).expect("the node config");
+            path
+        });
+        let nodes = (1..=3)
+            .map(|id| Node {
+                id,
+                addr: SocketAddr::from(([192, 0, 2, 10 + id as u8], 7001)),
+                monitor: SocketAddr::from(([127, 0, 0, 1], 7101)),
+                data_dir: dir.path().join(format!("node{id}")),
+                config: config.clone(),
+                netns: Some(topology.ns(&format!("n{id}"))),
+                log: dir.path().join(format!("node{id}.log")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Cluster { nodes, dir, topology: Some(topology), _serial: serial };
+        for i in 0..cluster.nodes.len() {
+            cluster.nodes[i].start();
+        }
+        for id in 1..=3 {
+            cluster.wait_until_answers(id);
+        }
+        cluster.init();
+        cluster.add(2);
+        cluster.add(3);
+        cluster
+    }
+
+    pub fn topology(&self) -> &netns::Topology {
+        self.topology.as_ref().expect("a cluster in namespaces")
     }
 
     /// Starts `n` nodes and forms a cluster of them: init on node 1, then
@@ -239,14 +310,20 @@ impl Cluster {
 
     /// `lbctl cluster init` on node 1.
     pub fn init(&self) {
-        let init = lbctl(&self.endpoint(1), &["cluster", "init"]);
+        let init = self.ctl(1, &["cluster", "init"]);
         assert!(init.ok, "cluster init: {}", init.stderr);
     }
 
     /// `lbctl node add` of node `id`, sent to node 1.
     pub fn add(&self, id: u64) {
-        let add = lbctl(&self.endpoint(1), &["node", "add", &id.to_string(), &self.endpoint(id)]);
+        let add = self.ctl(1, &["node", "add", &id.to_string(), &self.endpoint(id)]);
         assert!(add.ok, "node add {id}: {}", add.stderr);
+    }
+
+    /// Runs lbctl against node `id`, from inside its namespace if it has one.
+    pub fn ctl(&self, id: u64, args: &[&str]) -> Lbctl {
+        let node = self.nodes.iter().find(|n| n.id == id).expect("a node of this cluster");
+        lbctl_in(node.netns.as_deref(), &node.endpoint(), args)
     }
 
     pub fn node(&mut self, id: u64) -> &mut Node {
@@ -258,15 +335,14 @@ impl Cluster {
     }
 
     pub fn wait_until_answers(&self, id: u64) {
-        let endpoint = self.endpoint(id);
         wait_for(Duration::from_secs(10), &format!("node {id} to answer"), || {
-            lbctl(&endpoint, &["cluster", "status", "--local", "--json"]).ok.then_some(())
+            self.ctl(id, &["cluster", "status", "--local", "--json"]).ok.then_some(())
         });
     }
 
     /// `cluster status --local --json` of one node; `None` if it does not answer.
     pub fn local_status(&self, id: u64) -> Option<Value> {
-        let out = lbctl(&self.endpoint(id), &["cluster", "status", "--local", "--json"]);
+        let out = self.ctl(id, &["cluster", "status", "--local", "--json"]);
         out.ok.then(|| out.json())
     }
 

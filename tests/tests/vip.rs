@@ -1,0 +1,189 @@
+//! VIP ownership end to end, in network namespaces (as root): three lbnodes,
+//! two backends and a client on one bridge (`scripts/netns.sh`). The client
+//! probes the VIP with an HTTP request every 10 ms, each with a 100 ms limit;
+//! which nodes hold the VIP is sampled every 10 ms.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use raftlb_tests::backend::{http_server, TestServer};
+use raftlb_tests::netns::{in_ns, Prober, Sampler};
+use raftlb_tests::{spec_file, wait_for, Cluster};
+
+const VIP: &str = "192.0.2.100";
+
+fn vip() -> IpAddr {
+    VIP.parse().unwrap()
+}
+
+fn front() -> SocketAddr {
+    SocketAddr::new(vip(), 80)
+}
+
+const SPEC: &str = "defaults:
+  timeouts: { connect: 200ms, server: 1s }
+vips:
+  - address: 192.0.2.100/24
+frontends:
+  - name: web
+    bind: [\"192.0.2.100:80\"]
+    mode: http
+    default_backend: app
+backends:
+  - name: app
+    servers:
+      - { name: b1, address: \"192.0.2.21:8000\" }
+      - { name: b2, address: \"192.0.2.22:8000\" }
+";
+
+/// A formed cluster in namespaces, serving SPEC through the VIP to two
+/// backends, with the VIP on the leader and the client answered.
+struct Setup {
+    // Dropped in this order: the sampler and the backends before the cluster
+    // takes its namespaces down.
+    sampler: Sampler,
+    _backends: Vec<TestServer>,
+    c: Cluster,
+}
+
+fn setup() -> Setup {
+    let c = Cluster::formed_in_namespaces(None);
+    let t = c.topology();
+    let backends = ["b1", "b2"].iter().map(|b| in_ns(&t.ns(b), move || http_server(b, &format!("192.0.2.2{}:8000", &b[1..])))).collect();
+    let file = spec_file(&c, "spec.yaml", SPEC);
+    let out = c.ctl(1, &["config", "apply", "-f", &file]);
+    assert!(out.ok, "{}", out.stderr);
+    let sampler = Sampler::start((1..=3).map(|id| (id, t.ns(&format!("n{id}")))).collect(), vip());
+    let leader = c.agreed_leader(Duration::from_secs(5));
+    wait_for(Duration::from_secs(5), "the leader to hold the VIP", || (sampler.holders() == [leader]).then_some(()));
+    wait_for(Duration::from_secs(5), "the client to be served through the VIP", || {
+        let probe = Prober::start(&t.ns("c"), front());
+        let began = Instant::now();
+        std::thread::sleep(Duration::from_millis(100));
+        (probe.outage_after(began) == Duration::ZERO).then_some(())
+    });
+    Setup { sampler, _backends: backends, c }
+}
+
+impl Setup {
+    fn holder(&self) -> u64 {
+        let holders = self.sampler.holders();
+        assert_eq!(holders.len(), 1, "one holder: {holders:?}");
+        holders[0]
+    }
+
+    fn wait_holder(&self, what: &str, limit: Duration, want: impl Fn(u64) -> bool) -> u64 {
+        wait_for(limit, what, || match self.sampler.holders()[..] {
+            [one] if want(one) => Some(one),
+            _ => None,
+        })
+    }
+
+    /// The client's neighbour entry for the VIP names `node`'s MAC.
+    fn assert_client_sees(&self, node: u64) {
+        let t = self.c.topology();
+        let mac = t.mac(&format!("n{node}"));
+        wait_for(Duration::from_secs(2), &format!("the client's ARP entry for the VIP to name node {node} ({mac})"), || {
+            (t.client_neighbour(VIP).as_deref() == Some(mac.as_str())).then_some(())
+        });
+    }
+}
+
+#[test]
+fn the_leader_holds_the_vip_and_a_planned_move_interrupts_the_client_for_at_most_100ms() {
+    let s = setup();
+    let from = s.holder();
+    let listed = s.c.ctl(2, &["vip", "list", "--json"]).json();
+    assert_eq!(listed[0]["vip"], "192.0.2.100/24", "{listed}");
+    assert_eq!(listed[0]["node"], from, "{listed}");
+    let to = if from == 3 { 1 } else { from + 1 };
+
+    let probe = Prober::start(&s.c.topology().ns("c"), front());
+    std::thread::sleep(Duration::from_millis(200));
+    let asked = Instant::now();
+    let out = s.c.ctl(to, &["vip", "move", VIP, &to.to_string(), "--json"]).json();
+    assert_eq!(out["node"], to, "{out}");
+    s.wait_holder("the VIP on the new node", Duration::from_secs(2), |h| h == to);
+    std::thread::sleep(Duration::from_millis(300));
+    let outage = probe.outage_after(asked);
+    eprintln!("planned move from node {from} to node {to}: the client went unanswered for {} ms", outage.as_millis());
+    assert!(outage <= Duration::from_millis(100), "outage {outage:?}");
+    s.sampler.assert_never_two_holders();
+    s.assert_client_sees(to);
+    assert_eq!(s.c.agreed_leader(Duration::from_secs(2)), to, "the VIP moves with leadership");
+}
+
+#[test]
+fn sigterm_on_the_holder_moves_the_vip_with_an_outage_of_at_most_150ms() {
+    let mut s = setup();
+    let from = s.holder();
+    let probe = Prober::start(&s.c.topology().ns("c"), front());
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = Instant::now();
+    let status = s.c.node(from).terminate();
+    assert!(status.success(), "node {from} stopped cleanly: {status}");
+    let to = s.wait_holder("another node to hold the VIP", Duration::from_secs(3), |h| h != from);
+    std::thread::sleep(Duration::from_millis(300));
+    let outage = probe.outage_after(stopped);
+    eprintln!("SIGTERM on node {from}: node {to} holds the VIP; the client went unanswered for {} ms", outage.as_millis());
+    assert!(outage <= Duration::from_millis(150), "outage {outage:?}");
+    s.sampler.assert_never_two_holders();
+    s.assert_client_sees(to);
+    assert!(s.c.nodes[from as usize - 1].log().contains("handed leadership over before stopping"));
+}
+
+#[test]
+fn a_holder_cut_off_from_its_peers_drops_the_vip_within_the_lease_and_there_is_never_a_second_holder() {
+    let s = setup();
+    let t = s.c.topology();
+    let cut = s.holder();
+    let host = format!("n{cut}");
+    // Clients still reach it; its peers do not.
+    for peer in (1..=3).filter(|p| *p != cut) {
+        let ip = format!("192.0.2.1{peer}");
+        t.exec(&host, &["iptables", "-A", "INPUT", "-s", &ip, "-j", "DROP"]);
+        t.exec(&host, &["iptables", "-A", "OUTPUT", "-d", &ip, "-j", "DROP"]);
+    }
+    let partitioned = Instant::now();
+    wait_for(Duration::from_secs(2), "the cut-off node to drop the VIP", || (!s.sampler.holders().contains(&cut)).then_some(()));
+    let dropped = partitioned.elapsed();
+    eprintln!("node {cut} dropped the VIP {} ms after it was cut off", dropped.as_millis());
+    // The lease (100 ms) runs from the last acknowledgement, before the cut;
+    // the sampler reads every 10 ms and the manager looks every 10 ms.
+    assert!(dropped <= Duration::from_millis(100 + 50), "dropped after {dropped:?}");
+    let next = s.wait_holder("the others to elect a holder", Duration::from_secs(3), |h| h != cut);
+    s.assert_client_sees(next);
+
+    t.exec(&host, &["iptables", "-F"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s.sampler.holders().len(), 1, "after the heal exactly one holder");
+    let holder = s.holder();
+    s.sampler.assert_never_two_holders();
+    // The holder announces again (within `announce_every`); the client follows it.
+    s.assert_client_sees(holder);
+}
+
+#[test]
+fn after_every_node_restarts_exactly_one_holds_the_vip_within_3s() {
+    let mut s = setup();
+    for id in 1..=3 {
+        s.c.node(id).kill();
+    }
+    for id in 1..=3 {
+        s.c.node(id).start();
+    }
+    let restarted = Instant::now();
+    // The killed holder's address lingers until the restarted node removes
+    // it (or its lifetime ends): wait for the holder the new term elected.
+    let leader = s.c.agreed_leader(Duration::from_secs(3));
+    let holder = s.wait_holder("the new leader to hold the VIP", Duration::from_secs(3), |h| h == leader);
+    let took = restarted.elapsed();
+    eprintln!("node {holder} holds the VIP {} ms after all nodes restarted", took.as_millis());
+    assert!(took <= Duration::from_secs(3), "{took:?}");
+    let listed = s.c.ctl(leader, &["vip", "list", "--json"]).json();
+    let term = s.c.local_status(leader).unwrap()["term"].clone();
+    assert_eq!((&listed[0]["node"], &listed[0]["term"]), (&serde_json::json!(holder), &term), "{listed}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.sampler.holders(), [holder]);
+    s.sampler.assert_never_two_holders();
+}
