@@ -31,6 +31,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Peers {
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
     contact: Mutex<HashMap<NodeId, Contact>>,
+    /// Per follower, the term and the send time of the latest AppendEntries
+    /// it accepted from this node as leader.
+    acks: Mutex<HashMap<NodeId, (u64, Instant)>>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -52,11 +55,36 @@ impl Peers {
         let ch = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(2))
+            // A connection whose peer vanished (a cut link) is found out within
+            // two seconds even when idle, and then replaced.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(id, (addr.to_owned(), ch.clone()));
         Ok(ch)
+    }
+
+    /// Drops the channel to `id` after a failed RPC: the next one connects
+    /// afresh. A TCP connection that lived through a cut link may sit in
+    /// retransmission backoff for seconds after the link is back; a new one
+    /// goes through at once.
+    pub fn reset(&self, id: NodeId) {
+        self.channels.lock().expect("peer table lock").remove(&id);
+    }
+
+    /// Follower `id` accepted an AppendEntries of `term` that was sent at `sent`.
+    fn acked(&self, id: NodeId, term: u64, sent: Instant) {
+        let mut acks = self.acks.lock().expect("peer ack lock");
+        let entry = acks.entry(id).or_insert((term, sent));
+        if (term, sent) > *entry {
+            *entry = (term, sent);
+        }
+    }
+
+    /// When the latest AppendEntries of `term` that `id` accepted was sent.
+    pub fn acked_at(&self, id: NodeId, term: u64) -> Option<Instant> {
+        self.acks.lock().expect("peer ack lock").get(&id).filter(|(t, _)| *t == term).map(|(_, at)| *at)
     }
 
     /// A message from or to `id` went through.
@@ -124,6 +152,7 @@ impl PeerClient {
         let reply = match send(RaftTransportClient::new(channel), request).await {
             Ok(reply) => reply.into_inner(),
             Err(status) => {
+                self.peers.reset(self.target);
                 self.peers.unreachable(self.target, addr, status.message());
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
@@ -141,7 +170,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        let (term, sent) = (rpc.vote.leader_id().get_term(), Instant::now());
+        let reply = self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await?;
+        // Anything but a higher vote means the follower took this node as its leader.
+        if !matches!(reply, AppendEntriesResponse::HigherVote(_)) && rpc.vote.is_committed() {
+            self.peers.acked(self.target, term, sent);
+        }
+        Ok(reply)
     }
 
     async fn install_snapshot(
@@ -156,9 +191,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
     }
 
-    /// Retries an unreachable peer quickly at first, so a restarted node
-    /// rejoins at once, then every half second.
+    /// Retries an unreachable peer every 50 ms, then every 100 ms: a node
+    /// back from a partition or a restart hears from its leader before its
+    /// election timer runs out, and does not unseat it.
     fn backoff(&self) -> Backoff {
-        Backoff::new((0..).map(|i: u32| Duration::from_millis(50u64.saturating_mul(1 << i.min(4)).min(500))))
+        Backoff::new((0..).map(|i: u32| Duration::from_millis(if i < 2 { 50 } else { 100 })))
     }
 }
