@@ -121,6 +121,13 @@ pub const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 /// How long a handoff may take after the lease ran out before it is given up.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long past the voters' lease and one heartbeat interval a silent
+/// leader's follower stands.
+const STAND_MARGIN: Duration = Duration::from_millis(10);
+
+/// Between the followers standing in turn after a silent leader.
+const STAND_STAGGER: Duration = Duration::from_millis(40);
+
 /// How long before the successor is asked to stand the VIPs are released.
 const RELEASE_AHEAD: Duration = Duration::from_millis(30);
 
@@ -203,11 +210,22 @@ impl Cluster {
     /// A node that was a member before rejoins with its data by itself.
     pub async fn start(settings: Settings) -> Result<Cluster, ClusterError> {
         let node = settings.id;
+        // openraft 0.9 lets a voter grant a vote only once its leader lease
+        // (openraft's `election_timeout_max`) has passed since the last
+        // heartbeat it got, and a follower stands only after that lease plus
+        // its own timeout. raftlb's election timeout is, as DESIGN.md states
+        // it, the silence after which a follower stands: openraft's lease is
+        // our minimum, and `drive_elections` stands followers in turn from the
+        // minimum on, in place of openraft's timer. The VIP lease stays below
+        // this minimum.
+        let lease = settings.election_timeout_min.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: "raftlb".into(),
             heartbeat_interval: settings.heartbeat.as_millis() as u64,
-            election_timeout_min: settings.election_timeout_min.as_millis() as u64,
-            election_timeout_max: settings.election_timeout_max.as_millis() as u64,
+            election_timeout_min: lease,
+            election_timeout_max: lease + 1,
+            // Elections are driven by `drive_elections`.
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_after),
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             ..Default::default()
@@ -235,6 +253,7 @@ impl Cluster {
             }),
         };
         tokio::spawn(cluster.clone().log_leadership());
+        tokio::spawn(cluster.clone().drive_elections());
         tokio::spawn(cluster.clone().report_version());
         Ok(cluster)
     }
@@ -498,24 +517,40 @@ impl Cluster {
         outcome
     }
 
-    /// Waits out the followers' leader lease (one election timeout, max,
-    /// after the last heartbeat), has the VIPs released just before it ends,
+    /// Waits out the voters' lease (the minimum election timeout after the
+    /// last heartbeat), has the VIPs released just before it ends,
     /// then asks `target` to stand and waits for it (or, should it fail,
     /// another node) to lead.
     async fn await_successor(&self, target: NodeId, addr: &str) -> Result<NodeId, ClusterError> {
         let me = self.id();
-        let lease = self.inner.settings.election_timeout_max;
-        let stand_at = Instant::now() + lease;
-        self.inner.handover.send_replace(Handover::Releasing { at: stand_at - RELEASE_AHEAD });
-        tokio::time::sleep_until(stand_at.into()).await;
-        let mut handover = self.inner.handover.subscribe();
-        if tokio::time::timeout(RELEASE_WAIT, handover.wait_for(|h| *h == Handover::Released)).await.is_err() {
-            tracing::warn!("the VIP manager did not confirm the release in time; handing over all the same");
-        }
-        let deadline = Instant::now() + HANDOVER_LIMIT;
+        let lease = self.voter_lease();
         let mut metrics = self.inner.raft.metrics();
+        // Any quorum that can elect a successor holds a node that got a
+        // heartbeat sent at or after the last one a quorum acknowledged, and
+        // that node neither votes nor stands until its lease from then ran out.
+        // Without a quorum acknowledgement on record nothing is held back: release and ask at once.
+        let acked = self.quorum_acked_at().unwrap_or_else(|| Instant::now() - lease);
+        let stand_at = acked + lease;
+        self.inner.handover.send_replace(Handover::Releasing { at: stand_at - RELEASE_AHEAD });
+        let mut handover = self.inner.handover.subscribe();
+        let released =
+            tokio::time::timeout_at((stand_at + RELEASE_WAIT).into(), handover.wait_for(|h| *h == Handover::Released)).await.is_ok();
+        if !released {
+            // Asking a successor to stand now could make two VIP holders: the
+            // followers stand by themselves once they miss the heartbeats.
+            tracing::warn!("the VIP manager did not confirm the release in time; leaving the election to the followers");
+        }
+        tokio::time::sleep_until(stand_at.into()).await;
+        let deadline = Instant::now() + HANDOVER_LIMIT;
         loop {
-            self.ask_to_stand(target, addr).await;
+            // A follower may have stood by itself meanwhile: never unseat the new leader.
+            if let Some(leader) = metrics.borrow_and_update().current_leader.filter(|l| *l != me) {
+                tracing::info!(leader, "leadership handed over");
+                return Ok(leader);
+            }
+            if released {
+                self.ask_to_stand(target, addr).await;
+            }
             let round = (Instant::now() + lease).min(deadline);
             loop {
                 if let Some(leader) = metrics.borrow_and_update().current_leader.filter(|l| *l != me) {
@@ -553,17 +588,23 @@ impl Cluster {
 
     async fn ask_to_stand(&self, target: NodeId, addr: &str) {
         let Ok(channel) = self.inner.peers.channel(target, addr) else { return };
-        let mut req = tonic::Request::new(Payload { json: b"null".to_vec() });
+        let json = serde_json::to_vec(&self.id()).unwrap_or_default();
+        let mut req = tonic::Request::new(Payload { json });
         req.set_timeout(self.inner.settings.election_timeout_max);
         if let Err(status) = RaftTransportClient::new(channel).elect(req).await {
             tracing::debug!(node = target, %status, "could not ask the node to stand for election");
         }
     }
 
-    /// Stands for election now, as a leader handing over asks.
-    pub(crate) async fn stand(&self) -> Result<(), ClusterError> {
+    /// Stands for election now, as the leader handing over (`from`) asks;
+    /// not if another node has taken over meanwhile.
+    pub(crate) async fn stand(&self, from: NodeId) -> Result<(), ClusterError> {
+        let me = self.id();
         if self.is_held_back() {
-            return Err(ClusterError::Rejected(format!("node {} must not lead now", self.id())));
+            return Err(ClusterError::Rejected(format!("node {me} must not lead now")));
+        }
+        if let Some(leader) = self.leader().filter(|l| *l != from && *l != me) {
+            return Err(ClusterError::Rejected(format!("node {leader} leads already")));
         }
         self.inner.raft.trigger().elect().await.map_err(|e| ClusterError::Fatal { node: self.id(), reason: e.to_string() })
     }
@@ -653,10 +694,7 @@ impl Cluster {
         let m = self.metrics();
         let me = self.id();
         match m.current_leader {
-            Some(leader) if leader == me => {
-                m.membership_config.membership().voter_ids().count() == 1
-                    || m.millis_since_quorum_ack.is_some_and(|ms| ms < QUORUM_LOST_AFTER.as_millis() as u64)
-            }
+            Some(leader) if leader == me => self.quorum_acked_at().is_some_and(|t| t.elapsed() < QUORUM_LOST_AFTER),
             Some(leader) => self.inner.peers.last_contact(leader).is_some_and(|d| d < QUORUM_LOST_AFTER),
             None => false,
         }
@@ -677,9 +715,8 @@ impl Cluster {
         if (before == 0) == (after == 0) {
             return;
         }
-        let config = self.inner.raft.runtime_config();
-        config.elect(!on);
-        config.heartbeat(!on);
+        // Standing is `drive_elections`' to decide, which keeps a held-back node out.
+        self.inner.raft.runtime_config().heartbeat(!on);
         if on {
             tracing::warn!(reason = reason.as_str(), "this node stops standing for leadership");
             tokio::spawn(self.clone().resume_heartbeats_after_stepping_down());
@@ -709,6 +746,95 @@ impl Cluster {
             }
             if metrics.changed().await.is_err() {
                 return;
+            }
+        }
+    }
+
+    /// As leader: the send time of the latest heartbeat (or append) that a
+    /// quorum of voters accepted, this node counting as accepting at once.
+    /// Measured by the transport itself when the message was sent, so it
+    /// is never later than the truth however late this is asked.
+    pub fn quorum_acked_at(&self) -> Option<Instant> {
+        let m = self.metrics();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let me = self.id();
+        let now = Instant::now();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let mut acked: Vec<Instant> =
+            voters.iter().filter_map(|v| if *v == me { Some(now) } else { self.inner.peers.acked_at(*v, m.current_term) }).collect();
+        let quorum = voters.len() / 2 + 1;
+        if acked.len() < quorum {
+            return None;
+        }
+        acked.sort_by(|a, b| b.cmp(a));
+        Some(acked[quorum - 1])
+    }
+
+    /// How long after the last heartbeat it got a voter refuses to vote for
+    /// another node (openraft's leader lease, see [`Cluster::start`]).
+    fn voter_lease(&self) -> Duration {
+        self.inner.settings.election_timeout_min + Duration::from_millis(1)
+    }
+
+    /// Drives elections; openraft's own election timer is off (see
+    /// [`Cluster::start`]). A follower that stops hearing from its leader
+    /// stands as soon as every voter's lease has run out: the minimum
+    /// election timeout plus one heartbeat interval after the last heartbeat
+    /// (followers got theirs up to one interval apart). A node that learned of
+    /// a leader without hearing from it yet (back from a partition, or
+    /// restarted) gives the leader the maximum election timeout to reach it
+    /// before it stands, so it does not unseat a live leader. Without a
+    /// leader, nodes stand again in turn. Turns go by id, `STAND_STAGGER`
+    /// apart, so votes do not split.
+    async fn drive_elections(self) {
+        let lease = self.voter_lease();
+        let settings = self.inner.settings.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut last_stand: Option<Instant> = None;
+        // The leader and term this node follows, and since when it knows them.
+        let mut following: Option<(NodeId, u64, Instant)> = None;
+        let mut leaderless: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            let m = self.metrics();
+            let me = self.id();
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            if m.state == ServerState::Leader || self.is_held_back() || !voters.contains(&me) {
+                (following, leaderless) = (None, None);
+                continue;
+            }
+            let stood_within = |d: Duration| last_stand.is_some_and(|t| t.elapsed() < d);
+            let (silent, turn, why) = match m.current_leader.filter(|l| *l != me && m.state == ServerState::Follower) {
+                Some(leader) => {
+                    leaderless = None;
+                    if following.is_none_or(|(l, term, _)| (l, term) != (leader, m.current_term)) {
+                        following = Some((leader, m.current_term, Instant::now()));
+                    }
+                    let known = following.map_or(Duration::ZERO, |(_, _, since)| since.elapsed());
+                    let rank = voters.iter().filter(|v| **v != leader && **v < me).count() as u32;
+                    let stagger = STAND_STAGGER * rank;
+                    match self.inner.peers.last_contact(leader).filter(|heard| *heard < known) {
+                        Some(heard) => (heard, lease + settings.heartbeat + STAND_MARGIN + stagger, "the leader is silent"),
+                        None => (known, settings.election_timeout_max + lease + stagger, "the leader has not been heard from"),
+                    }
+                }
+                None => {
+                    following = None;
+                    let since = *leaderless.get_or_insert_with(Instant::now);
+                    let rank = voters.iter().filter(|v| **v < me).count() as u32;
+                    (since.elapsed(), STAND_STAGGER * rank, "no leader")
+                }
+            };
+            // One stand per lease at most: a candidate's round runs that long.
+            if silent < turn || stood_within(lease + STAND_STAGGER * (me % 4) as u32) {
+                continue;
+            }
+            last_stand = Some(Instant::now());
+            tracing::info!(silent_ms = silent.as_millis() as u64, "{why}: standing for election");
+            if let Err(e) = self.inner.raft.trigger().elect().await {
+                tracing::warn!(error = %e, "cannot stand for election");
             }
         }
     }
