@@ -42,8 +42,9 @@ impl RaftTransport for TransportService {
         encode(&self.cluster.raft().install_snapshot(rpc).await)
     }
 
-    async fn elect(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
-        encode(&self.cluster.stand().await)
+    async fn elect(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let from: crate::NodeId = decode(req)?;
+        encode(&self.cluster.stand(from).await)
     }
 
     async fn forward(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {

@@ -119,7 +119,7 @@ impl Node {
             .args(["--id", &self.id.to_string(), "--listen", &self.endpoint(), "--monitor", &self.monitor.to_string()])
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .env("RUST_LOG", "info,openraft=off")
+            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "info,openraft=off".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the node log"))
             .stderr(log)

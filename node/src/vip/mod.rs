@@ -66,21 +66,20 @@ pub struct VipManager {
     netlink: Netlink,
     status: Arc<VipStatus>,
     held: BTreeMap<IpNet, Held>,
-    /// When the last quorum acknowledgement came, as leader.
-    acked_at: Option<Instant>,
     /// The term this node leads in, and since when.
     leading: Option<(u64, Instant)>,
+    /// The spec version whose VIPs were last cleared of a crashed run's copies.
+    cleared: u64,
 }
 
 impl VipManager {
     pub fn new(cluster: Cluster, settings: VipSettings, status: Arc<VipStatus>) -> std::io::Result<VipManager> {
-        Ok(VipManager { cluster, settings, netlink: Netlink::connect()?, status, held: BTreeMap::new(), acked_at: None, leading: None })
+        Ok(VipManager { cluster, settings, netlink: Netlink::connect()?, status, held: BTreeMap::new(), leading: None, cleared: 0 })
     }
 
     /// Holds the VIPs while this node may, until `stop` turns true; then
     /// releases them.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        self.remove_stale().await;
         let mut metrics = self.cluster.raft().metrics();
         let mut applied = self.cluster.subscribe();
         let mut handover = self.cluster.handover();
@@ -104,19 +103,11 @@ impl VipManager {
     }
 
     fn note_metrics(&mut self, m: &openraft::RaftMetrics<u64, openraft::BasicNode>) {
-        let now = Instant::now();
         if m.state != ServerState::Leader {
-            self.acked_at = None;
             self.leading = None;
-            return;
+        } else if self.leading.is_none_or(|(term, _)| term != m.current_term) {
+            self.leading = Some((m.current_term, Instant::now()));
         }
-        if self.leading.is_none_or(|(term, _)| term != m.current_term) {
-            self.leading = Some((m.current_term, now));
-        }
-        let alone = m.membership_config.membership().voter_ids().count() == 1;
-        // Read right after openraft published it: `now - age` is when the quorum last acknowledged.
-        let acked = if alone { Some(now) } else { m.millis_since_quorum_ack.map(|ms| now - Duration::from_millis(ms)) };
-        self.acked_at = acked.max(self.acked_at.filter(|_| acked.is_some()));
     }
 
     /// Whether this node may hold VIPs now, and if not, why.
@@ -129,7 +120,8 @@ impl VipManager {
             Handover::Idle => {}
         }
         let Some((_, since)) = self.leading else { return Err("this node does not lead") };
-        if self.acked_at.is_none_or(|t| now.duration_since(t) >= self.settings.lease.get()) {
+        // The send time of the heartbeat a quorum accepted: never later than the truth.
+        if self.cluster.quorum_acked_at().is_none_or(|t| now.saturating_duration_since(t) >= self.settings.lease.get()) {
             return Err("no quorum acknowledged this node within the lease");
         }
         // Strict fencing: the previous holder's addresses expire within one lifetime.
@@ -140,7 +132,15 @@ impl VipManager {
     }
 
     async fn step(&mut self, handover: Handover) {
-        let wanted: Vec<Vip> = self.cluster.applied().state.current().map(|c| c.spec.vips.clone()).unwrap_or_default();
+        let applied = self.cluster.applied();
+        let version = applied.state.config_version();
+        let wanted: Vec<Vip> = applied.state.current().map(|c| c.spec.vips.clone()).unwrap_or_default();
+        // At start (the log is applied again shortly after) and for each new
+        // spec: copies of its VIPs a crashed run left are not this node's.
+        if version != self.cleared && self.held.is_empty() {
+            self.cleared = version;
+            self.remove_stale(&wanted).await;
+        }
         // VIPs the spec no longer has are released whatever else happens.
         let dropped: Vec<IpNet> = self.held.keys().filter(|v| !wanted.iter().any(|w| w.address.0 == **v)).copied().collect();
         for vip in dropped {
@@ -226,8 +226,7 @@ impl VipManager {
 
     /// A crashed run may have left VIPs on the interfaces: none is this
     /// node's until it leads again.
-    async fn remove_stale(&mut self) {
-        let vips: Vec<Vip> = self.cluster.applied().state.current().map(|c| c.spec.vips.clone()).unwrap_or_default();
+    async fn remove_stale(&mut self, vips: &[Vip]) {
         for vip in vips {
             match self.netlink.remove(&vip.address.0).await {
                 Ok(0) => {}
