@@ -121,13 +121,6 @@ pub const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 /// How long a handoff may take after the lease ran out before it is given up.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(2);
 
-/// How long past the voters' lease and one heartbeat interval a silent
-/// leader's follower stands.
-const STAND_MARGIN: Duration = Duration::from_millis(10);
-
-/// Between the followers standing in turn after a silent leader.
-const STAND_STAGGER: Duration = Duration::from_millis(40);
-
 /// How long before the successor is asked to stand the VIPs are released.
 const RELEASE_AHEAD: Duration = Duration::from_millis(30);
 
@@ -210,22 +203,11 @@ impl Cluster {
     /// A node that was a member before rejoins with its data by itself.
     pub async fn start(settings: Settings) -> Result<Cluster, ClusterError> {
         let node = settings.id;
-        // openraft 0.9 lets a voter grant a vote only once its leader lease
-        // (openraft's `election_timeout_max`) has passed since the last
-        // heartbeat it got, and a follower stands only after that lease plus
-        // its own timeout. raftlb's election timeout is, as DESIGN.md states
-        // it, the silence after which a follower stands: openraft's lease is
-        // our minimum, and `drive_elections` stands followers in turn from the
-        // minimum on, in place of openraft's timer. The VIP lease stays below
-        // this minimum.
-        let lease = settings.election_timeout_min.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: "raftlb".into(),
             heartbeat_interval: settings.heartbeat.as_millis() as u64,
-            election_timeout_min: lease,
-            election_timeout_max: lease + 1,
-            // Elections are driven by `drive_elections`.
-            enable_elect: false,
+            election_timeout_min: settings.election_timeout_min.as_millis() as u64,
+            election_timeout_max: settings.election_timeout_max.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_after),
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             ..Default::default()
@@ -253,7 +235,6 @@ impl Cluster {
             }),
         };
         tokio::spawn(cluster.clone().log_leadership());
-        tokio::spawn(cluster.clone().drive_elections());
         tokio::spawn(cluster.clone().report_version());
         Ok(cluster)
     }
@@ -517,8 +498,8 @@ impl Cluster {
         outcome
     }
 
-    /// Waits out the voters' lease (the minimum election timeout after the
-    /// last heartbeat), has the VIPs released just before it ends,
+    /// Waits out the voters' lease (the maximum election timeout after the
+    /// last acknowledged heartbeat), has the VIPs released just before it ends,
     /// then asks `target` to stand and waits for it (or, should it fail,
     /// another node) to lead.
     async fn await_successor(&self, target: NodeId, addr: &str) -> Result<NodeId, ClusterError> {
@@ -715,8 +696,9 @@ impl Cluster {
         if (before == 0) == (after == 0) {
             return;
         }
-        // Standing is `drive_elections`' to decide, which keeps a held-back node out.
-        self.inner.raft.runtime_config().heartbeat(!on);
+        let config = self.inner.raft.runtime_config();
+        config.elect(!on);
+        config.heartbeat(!on);
         if on {
             tracing::warn!(reason = reason.as_str(), "this node stops standing for leadership");
             tokio::spawn(self.clone().resume_heartbeats_after_stepping_down());
@@ -773,70 +755,9 @@ impl Cluster {
     }
 
     /// How long after the last heartbeat it got a voter refuses to vote for
-    /// another node (openraft's leader lease, see [`Cluster::start`]).
+    /// another node: openraft 0.9's leader lease, its `election_timeout_max`.
     fn voter_lease(&self) -> Duration {
-        self.inner.settings.election_timeout_min + Duration::from_millis(1)
-    }
-
-    /// Drives elections; openraft's own election timer is off (see
-    /// [`Cluster::start`]). A follower that stops hearing from its leader
-    /// stands as soon as every voter's lease has run out: the minimum
-    /// election timeout plus one heartbeat interval after the last heartbeat
-    /// (followers got theirs up to one interval apart). A node that learned of
-    /// a leader without hearing from it yet (back from a partition, or
-    /// restarted) gives the leader the maximum election timeout to reach it
-    /// before it stands, so it does not unseat a live leader. Without a
-    /// leader, nodes stand again in turn. Turns go by id, `STAND_STAGGER`
-    /// apart, so votes do not split.
-    async fn drive_elections(self) {
-        let lease = self.voter_lease();
-        let settings = self.inner.settings.clone();
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        let mut last_stand: Option<Instant> = None;
-        // The leader and term this node follows, and since when it knows them.
-        let mut following: Option<(NodeId, u64, Instant)> = None;
-        let mut leaderless: Option<Instant> = None;
-        loop {
-            tick.tick().await;
-            let m = self.metrics();
-            let me = self.id();
-            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-            if m.state == ServerState::Leader || self.is_held_back() || !voters.contains(&me) {
-                (following, leaderless) = (None, None);
-                continue;
-            }
-            let stood_within = |d: Duration| last_stand.is_some_and(|t| t.elapsed() < d);
-            let (silent, turn, why) = match m.current_leader.filter(|l| *l != me && m.state == ServerState::Follower) {
-                Some(leader) => {
-                    leaderless = None;
-                    if following.is_none_or(|(l, term, _)| (l, term) != (leader, m.current_term)) {
-                        following = Some((leader, m.current_term, Instant::now()));
-                    }
-                    let known = following.map_or(Duration::ZERO, |(_, _, since)| since.elapsed());
-                    let rank = voters.iter().filter(|v| **v != leader && **v < me).count() as u32;
-                    let stagger = STAND_STAGGER * rank;
-                    match self.inner.peers.last_contact(leader).filter(|heard| *heard < known) {
-                        Some(heard) => (heard, lease + settings.heartbeat + STAND_MARGIN + stagger, "the leader is silent"),
-                        None => (known, settings.election_timeout_max + lease + stagger, "the leader has not been heard from"),
-                    }
-                }
-                None => {
-                    following = None;
-                    let since = *leaderless.get_or_insert_with(Instant::now);
-                    let rank = voters.iter().filter(|v| **v < me).count() as u32;
-                    (since.elapsed(), STAND_STAGGER * rank, "no leader")
-                }
-            };
-            // One stand per lease at most: a candidate's round runs that long.
-            if silent < turn || stood_within(lease + STAND_STAGGER * (me % 4) as u32) {
-                continue;
-            }
-            last_stand = Some(Instant::now());
-            tracing::info!(silent_ms = silent.as_millis() as u64, "{why}: standing for election");
-            if let Err(e) = self.inner.raft.trigger().elect().await {
-                tracing::warn!(error = %e, "cannot stand for election");
-            }
-        }
+        self.inner.settings.election_timeout_max
     }
 
     /// Logs each change of leader, so an operator reading one node's log

@@ -369,6 +369,13 @@ impl Drop for Cluster {
             node.kill();
         }
         if std::thread::panicking() {
+            // KEEP_NODE_LOGS=DIR keeps the whole logs of a failed test.
+            if let Ok(keep) = std::env::var("KEEP_NODE_LOGS") {
+                let _ = std::fs::create_dir_all(&keep);
+                for node in &self.nodes {
+                    let _ = std::fs::copy(&node.log, Path::new(&keep).join(format!("node{}.log", node.id)));
+                }
+            }
             for node in &self.nodes {
                 let log = node.log();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
