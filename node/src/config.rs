@@ -294,6 +294,14 @@ impl Overrides {
                 t.election_timeout_min
             );
         }
+        if v.announce_again_after.is_zero() || v.announce_every.is_zero() || v.announce_burst == 0 {
+            bail!(
+                "vip.announce_burst ({}), vip.announce_again_after ({}) and vip.announce_every ({}) must be above zero",
+                v.announce_burst,
+                v.announce_again_after,
+                v.announce_every
+            );
+        }
         if v.lifetime.get() < std::time::Duration::from_secs(1) || v.lifetime.get().subsec_nanos() != 0 {
             bail!("vip.lifetime ({}) must be whole seconds, at least 1s: the kernel counts address lifetimes in seconds", v.lifetime);
         }
@@ -322,6 +330,23 @@ mod tests {
         let path = dir.path().join("node.yaml");
         std::fs::write(&path, text).unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn vip_settings_that_break_fencing_are_refused() {
+        for (vip, says) in [
+            ("{ lease: 200ms }", "vip.lease (200ms) must be above zero and below raft.election_timeout_min (150ms)"),
+            ("{ lifetime: 500ms }", "vip.lifetime (500ms) must be whole seconds"),
+            ("{ announce_every: 0s }", "must be above zero"),
+            ("{ fencing: sometimes }", "unknown variant `sometimes`"),
+        ] {
+            let (_d, path) = file(&format!("id: 1\nlisten: 127.0.0.1:7001\ndata_dir: /tmp/a\nvip: {vip}\n"));
+            let err = match NodeConfig::load(&path) {
+                Err(e) => e.to_string(),
+                Ok(_) => Overrides { config: Some(path), ..Default::default() }.resolve().unwrap_err().to_string(),
+            };
+            assert!(err.contains(says), "{vip}: {err}");
+        }
     }
 
     #[test]

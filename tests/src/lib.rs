@@ -1,7 +1,9 @@
 //! A harness for end-to-end tests: clusters of real `lbnode` processes on
 //! loopback, driven by the real `lbctl`. Every process a test starts is
 //! killed when the test ends, also when it fails; the node logs of a failed
-//! test are printed.
+//! test are printed. `NODE_LOG` sets the nodes' log filter (for example
+//! `info,openraft=info`); `KEEP_NODE_LOGS=DIR` keeps the whole logs of a
+//! failed test in DIR.
 
 pub mod backend;
 pub mod client;
