@@ -267,3 +267,28 @@ fn failover_works_with_all_multicast_dropped() {
     let dropped = t.exec(&format!("n{next}"), &["iptables", "-L", "OUTPUT", "-v", "-x", "-n"]);
     assert!(dropped.contains("PKTTYPE = multicast"), "the rule is in place: {dropped}");
 }
+
+#[test]
+fn hooks_run_on_acquire_and_release_and_a_failing_one_is_reported_without_holding_up_fencing() {
+    let events = tempfile::NamedTempFile::new().unwrap();
+    let path = events.path().display().to_string();
+    let config = format!(
+        "vip:\n  on_acquire: 'echo \"$RAFTLB_EVENT $RAFTLB_VIP $RAFTLB_NODE\" >> {path}; exit 3'\n  on_release: 'echo \"$RAFTLB_EVENT $RAFTLB_VIP $RAFTLB_NODE\" >> {path}'\n"
+    );
+    let s = setup_with(Some(&config));
+    let from = s.holder();
+    let to = if from == 3 { 1 } else { from + 1 };
+    let out = s.c.ctl(to, &["vip", "move", VIP, &to.to_string(), "--json"]).json();
+    assert_eq!(out["node"], to, "{out}");
+    let want = [format!("acquire 192.0.2.100/24 {from}"), format!("release 192.0.2.100/24 {from}"), format!("acquire 192.0.2.100/24 {to}")];
+    let seen = wait_for(Duration::from_secs(3), "the hooks of both nodes to run", || {
+        let text = std::fs::read_to_string(events.path()).unwrap_or_default();
+        want.iter().all(|w| text.contains(w.as_str())).then_some(text)
+    });
+    let at = |w: &str| seen.find(w).unwrap();
+    assert!(at(&want[0]) < at(&want[1]) && at(&want[1]) < at(&want[2]), "in order: {seen}");
+    // The acquire hook exits 3: logged, counted and shown, and the VIP is held all the same.
+    assert_eq!(s.holder(), to);
+    let text = s.c.ctl(to, &["vip", "list"]).stdout;
+    assert!(text.contains(&format!("node {to}: the acquire hook for 192.0.2.100/24 exited with exit status: 3")), "{text}");
+}
