@@ -131,6 +131,12 @@ impl AdminService {
         answers
     }
 
+    /// The VIPs of the spec in force, with their prefix lengths.
+    fn spec_vips(&self) -> Vec<String> {
+        let applied = self.cluster.applied();
+        applied.state.current().map(|c| c.spec.vips.iter().map(|v| v.address.0.to_string()).collect()).unwrap_or_default()
+    }
+
     fn local_vips(&self) -> VipLocalReply {
         let vips = self
             .vips
@@ -275,11 +281,8 @@ impl Admin for AdminService {
 
     async fn server_set_state(&self, req: Request<ServerSetStateRequest>) -> Result<Response<ServerSetStateReply>, Status> {
         let ServerSetStateRequest { backend, server, state } = req.into_inner();
-        let admin = match state.as_str() {
-            "ready" => AdminState::Ready,
-            "drain" => AdminState::Drain,
-            "maint" => AdminState::Maint,
-            other => return Err(Status::invalid_argument(format!("{other:?} is not a server state: use ready, drain or maint"))),
+        let Some(admin) = AdminState::from_name(&state) else {
+            return Err(Status::invalid_argument(format!("{state:?} is not a server state: use ready, drain or maint")));
         };
         self.cluster.applied().state.server_exists(&backend, &server).map_err(Status::not_found)?;
         self.cluster.write(Command::SetServerAdmin { backend, server, state: admin, at_ms: now_ms() }).await.map_err(status_of)?;
@@ -341,8 +344,7 @@ impl Admin for AdminService {
 
     async fn vip_list(&self, _: Request<VipListRequest>) -> Result<Response<VipListReply>, Status> {
         let applied = self.cluster.applied();
-        let spec_vips: Vec<String> =
-            applied.state.current().map(|c| c.spec.vips.iter().map(|v| v.address.0.to_string()).collect()).unwrap_or_default();
+        let spec_vips = self.spec_vips();
         let answers = self.ask_members(self.local_vips(), |mut c| async move { c.vip_local(VipLocalRequest {}).await }).await;
         let mut vips: Vec<HeldVip> = answers.values().flat_map(|a| a.vips.iter().cloned()).collect();
         vips.sort_by(|a, b| (&a.vip, a.node).cmp(&(&b.vip, b.node)));
@@ -359,9 +361,7 @@ impl Admin for AdminService {
 
     async fn vip_move(&self, req: Request<VipMoveRequest>) -> Result<Response<LeaderTransferReply>, Status> {
         let VipMoveRequest { vip, node } = req.into_inner();
-        let applied = self.cluster.applied();
-        let known: Vec<String> =
-            applied.state.current().map(|c| c.spec.vips.iter().map(|v| v.address.0.to_string()).collect()).unwrap_or_default();
+        let known = self.spec_vips();
         let matches = |k: &String| *k == vip || k.split('/').next() == Some(vip.as_str());
         if !known.iter().any(matches) {
             let listed =

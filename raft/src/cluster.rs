@@ -523,10 +523,15 @@ impl Cluster {
         }
         tokio::time::sleep_until(stand_at.into()).await;
         let deadline = Instant::now() + HANDOVER_LIMIT;
+        // Another node leads: the handoff is done.
+        let successor = |metrics: &mut watch::Receiver<RaftMetrics<NodeId, BasicNode>>| {
+            let leader = metrics.borrow_and_update().current_leader.filter(|l| *l != me)?;
+            tracing::info!(leader, "leadership handed over");
+            Some(leader)
+        };
         loop {
             // A follower may have stood by itself meanwhile: never unseat the new leader.
-            if let Some(leader) = metrics.borrow_and_update().current_leader.filter(|l| *l != me) {
-                tracing::info!(leader, "leadership handed over");
+            if let Some(leader) = successor(&mut metrics) {
                 return Ok(leader);
             }
             if released {
@@ -534,8 +539,7 @@ impl Cluster {
             }
             let round = (Instant::now() + lease).min(deadline);
             loop {
-                if let Some(leader) = metrics.borrow_and_update().current_leader.filter(|l| *l != me) {
-                    tracing::info!(leader, "leadership handed over");
+                if let Some(leader) = successor(&mut metrics) {
                     return Ok(leader);
                 }
                 if tokio::time::timeout_at(round.into(), metrics.changed()).await.is_err() {

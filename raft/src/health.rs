@@ -25,12 +25,19 @@ pub enum AdminState {
 }
 
 impl AdminState {
+    const ALL: [AdminState; 3] = [AdminState::Ready, AdminState::Drain, AdminState::Maint];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AdminState::Ready => "ready",
             AdminState::Drain => "drain",
             AdminState::Maint => "maint",
         }
+    }
+
+    /// The state `name` (as [`AdminState::as_str`] writes it) names.
+    pub fn from_name(name: &str) -> Option<AdminState> {
+        AdminState::ALL.into_iter().find(|s| s.as_str() == name)
     }
 }
 
