@@ -65,13 +65,6 @@ else:
     print(round((back - cut) * 1000))
 PY
 
-backends() {
-    for b in 1 2; do
-        mkdir -p "$dir/www$b" && echo "backend $b" >"$dir/www$b/index.html"
-        inns "b$b" python3 -m http.server 8000 --bind "192.0.2.2$b" --directory "$dir/www$b" >/dev/null 2>&1 &
-    done
-}
-
 holder() {
     for n in 1 2 3; do
         if ip -n "$p-n$n" -o addr show dev eth0 | grep -q "192.0.2.100/"; then echo "$n"; return; fi
@@ -138,7 +131,7 @@ CFG
 }
 
 bash scripts/netns.sh up "$p"
-backends
+bash scripts/netns.sh backends "$p" "$dir"
 
 echo "== Keepalived + HAProxy (VRRP unicast, advert_int 1)"
 ka=()
@@ -167,14 +160,6 @@ wait "${ka[@]}" 2>/dev/null || true
 for n in 1 2 3; do ip -n "$p-n$n" addr del 192.0.2.100/24 dev eth0 2>/dev/null || true; done
 
 echo "== raftlb (default timers)"
-for n in 1 2 3; do
-    inns "n$n" "$bin/lbnode" --id "$n" --listen "192.0.2.1$n:7001" --data-dir "$dir/raftlb-n$n" >"$dir/lbnode-n$n.log" 2>&1 &
-done
-ctl() { inns n1 "$bin/lbctl" --endpoint 192.0.2.11:7001 "$@"; }
-for _ in $(seq 50); do ctl cluster status --local >/dev/null 2>&1 && break; sleep 0.1; done
-ctl cluster init >/dev/null
-ctl node add 2 192.0.2.12:7001 >/dev/null
-ctl node add 3 192.0.2.13:7001 >/dev/null
 cat >"$dir/spec.yaml" <<'SPEC'
 vips:
   - address: 192.0.2.100/24
@@ -189,7 +174,7 @@ backends:
       - { name: b1, address: "192.0.2.21:8000" }
       - { name: b2, address: "192.0.2.22:8000" }
 SPEC
-ctl config apply -f "$dir/spec.yaml" >/dev/null
+bash scripts/netns.sh cluster "$p" "$dir" "$dir/spec.yaml"
 # Every node follows the same leader, and that leader holds the VIP.
 settled() {
     local leaders=""

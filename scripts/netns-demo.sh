@@ -18,18 +18,7 @@ trap cleanup EXIT
 bash scripts/netns.sh up "$p"
 inns() { local ns=$1; shift; ip netns exec "$p-$ns" "$@"; }
 
-for b in 1 2; do
-    mkdir -p "$dir/www$b" && echo "hello from backend $b" > "$dir/www$b/index.html"
-    inns "b$b" python3 -m http.server 8000 --bind "192.0.2.2$b" --directory "$dir/www$b" >"$dir/b$b.log" 2>&1 &
-done
-for n in 1 2 3; do
-    inns "n$n" "$bin/lbnode" --id "$n" --listen "192.0.2.1$n:7001" --data-dir "$dir/n$n" >"$dir/n$n.log" 2>&1 &
-done
-ctl() { inns n1 "$bin/lbctl" --endpoint 192.0.2.11:7001 "$@"; }
-for _ in $(seq 50); do ctl cluster status --local >/dev/null 2>&1 && break; sleep 0.1; done
-ctl cluster init
-ctl node add 2 192.0.2.12:7001
-ctl node add 3 192.0.2.13:7001
+bash scripts/netns.sh backends "$p" "$dir"
 cat >"$dir/spec.yaml" <<'SPEC'
 vips:
   - address: 192.0.2.100/24
@@ -45,7 +34,8 @@ backends:
       - { name: b1, address: "192.0.2.21:8000" }
       - { name: b2, address: "192.0.2.22:8000" }
 SPEC
-ctl config apply -f "$dir/spec.yaml" >/dev/null
+bash scripts/netns.sh cluster "$p" "$dir" "$dir/spec.yaml"
+ctl() { inns n1 "$bin/lbctl" --endpoint 192.0.2.11:7001 "$@"; }
 sleep 1
 ctl vip list
 cat <<EOT

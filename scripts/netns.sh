@@ -7,6 +7,11 @@
 #
 #   scripts/netns.sh up PREFIX     build it (namespaces PREFIX-sw, PREFIX-n1..n3, PREFIX-b1, PREFIX-b2, PREFIX-c)
 #   scripts/netns.sh down PREFIX   remove it (also what is left of a half-built one)
+#   scripts/netns.sh backends PREFIX DIR
+#       an HTTP server (python3) on port 8000 of each backend host, logs in DIR
+#   scripts/netns.sh cluster PREFIX DIR SPEC
+#       lbnode (from target/ci) on each node host at 192.0.2.1N:7001, data and
+#       logs in DIR/nN, formed into a cluster, with the spec file SPEC applied
 #
 # Host    namespace   IPv4           IPv6
 # node N  PREFIX-nN   192.0.2.1N     2001:db8::1N
@@ -54,8 +59,35 @@ down() {
     done
 }
 
+backends() {
+    local p=$1 dir=$2
+    for b in 1 2; do
+        mkdir -p "$dir/www$b" && echo "hello from backend $b" >"$dir/www$b/index.html"
+        ip netns exec "$p-b$b" python3 -m http.server 8000 --bind "192.0.2.2$b" --directory "$dir/www$b" \
+            >"$dir/b$b.log" 2>&1 &
+    done
+}
+
+cluster() {
+    local p=$1 dir=$2 spec=$3
+    local bin
+    bin="$(cd "$(dirname "$0")/.." && pwd)/target/ci"
+    for n in 1 2 3; do
+        ip netns exec "$p-n$n" "$bin/lbnode" --id "$n" --listen "192.0.2.1$n:7001" --data-dir "$dir/n$n" \
+            >"$dir/n$n.log" 2>&1 &
+    done
+    ctl() { ip netns exec "$p-n1" "$bin/lbctl" --endpoint 192.0.2.11:7001 "$@" >/dev/null; }
+    for _ in $(seq 50); do ctl cluster status --local 2>/dev/null && break; sleep 0.1; done
+    ctl cluster init
+    ctl node add 2 192.0.2.12:7001
+    ctl node add 3 192.0.2.13:7001
+    ctl config apply -f "$spec"
+}
+
 case "${1:-}" in
     up) down "${2:?prefix}"; up "$2" ;;
     down) down "${2:?prefix}" ;;
-    *) echo "usage: $0 up|down PREFIX" >&2; exit 2 ;;
+    backends) backends "${2:?prefix}" "${3:?dir}" ;;
+    cluster) cluster "${2:?prefix}" "${3:?dir}" "${4:?spec file}" ;;
+    *) echo "usage: $0 up|down PREFIX, backends PREFIX DIR, cluster PREFIX DIR SPEC" >&2; exit 2 ;;
 esac
