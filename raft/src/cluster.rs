@@ -203,11 +203,20 @@ impl Cluster {
     /// A node that was a member before rejoins with its data by itself.
     pub async fn start(settings: Settings) -> Result<Cluster, ClusterError> {
         let node = settings.id;
+        // openraft 0.9 looks at its timers on a tick of 1.5 heartbeat
+        // intervals and sends a heartbeat on a tick at most: asked for two
+        // thirds of the interval, it sends one per `settings.heartbeat`.
+        // Its election timer is off (elections are run by `run_elections`);
+        // its `election_timeout_max` is the lease during which a voter
+        // refuses any candidate after its leader's last heartbeat, and
+        // `election_timeout_min` only bounds a vote request's wait.
+        let lease = settings.election_timeout_min.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: "raftlb".into(),
-            heartbeat_interval: settings.heartbeat.as_millis() as u64,
-            election_timeout_min: settings.election_timeout_min.as_millis() as u64,
-            election_timeout_max: settings.election_timeout_max.as_millis() as u64,
+            heartbeat_interval: (settings.heartbeat.as_millis() as u64 * 2 / 3).max(1),
+            election_timeout_min: lease.saturating_sub(1),
+            election_timeout_max: lease,
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_after),
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             ..Default::default()
@@ -235,6 +244,7 @@ impl Cluster {
             }),
         };
         tokio::spawn(cluster.clone().log_leadership());
+        tokio::spawn(cluster.clone().run_elections());
         tokio::spawn(cluster.clone().report_version());
         Ok(cluster)
     }
@@ -266,7 +276,11 @@ impl Cluster {
         self.inner.applied.clone()
     }
 
-    fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub(crate) fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
         self.inner.raft.metrics().borrow().clone()
     }
 
@@ -328,7 +342,7 @@ impl Cluster {
     /// along; returns the new leader. A planned handoff: the leader stops its
     /// heartbeats and writes, waits out the lease during which followers
     /// refuse to vote, and asks the target to stand at once, instead of
-    /// every follower waiting for its election timeout as after a crash.
+    /// the followers standing in turn as after a crash.
     pub async fn transfer_leadership(&self, to: Option<NodeId>) -> Result<NodeId, ClusterError> {
         match self.on_leader(LeaderOp::Transfer { to }).await? {
             LeaderReply::Transferred(leader) => Ok(leader),
@@ -498,8 +512,7 @@ impl Cluster {
         outcome
     }
 
-    /// Waits out the voters' lease (the maximum election timeout after the
-    /// last acknowledged heartbeat), has the VIPs released just before it ends,
+    /// Waits out the voters' lease (from the last acknowledged heartbeat), has the VIPs released just before it ends,
     /// then asks `target` to stand and waits for it (or, should it fail,
     /// another node) to lead.
     async fn await_successor(&self, target: NodeId, addr: &str) -> Result<NodeId, ClusterError> {
@@ -687,8 +700,8 @@ impl Cluster {
 
     /// Keeps this node from leading while `on` (its self-check fails): it
     /// stops standing for election and, if it leads, stops its heartbeats and
-    /// refuses writes, so the followers elect another leader after their
-    /// election timeout. Off again, it takes part in elections as before.
+    /// refuses writes, so the followers elect another leader once their
+    /// lease ran out. Off again, it takes part in elections as before.
     pub fn hold_back(&self, on: bool) {
         self.hold(Hold::SelfCheck, on);
     }
@@ -700,9 +713,8 @@ impl Cluster {
         if (before == 0) == (after == 0) {
             return;
         }
-        let config = self.inner.raft.runtime_config();
-        config.elect(!on);
-        config.heartbeat(!on);
+        // Elections check the hold themselves (`run_elections`).
+        self.inner.raft.runtime_config().heartbeat(!on);
         if on {
             tracing::warn!(reason = reason.as_str(), "this node stops standing for leadership");
             tokio::spawn(self.clone().resume_heartbeats_after_stepping_down());
@@ -756,12 +768,6 @@ impl Cluster {
         }
         acked.sort_by(|a, b| b.cmp(a));
         Some(acked[quorum - 1])
-    }
-
-    /// How long after the last heartbeat it got a voter refuses to vote for
-    /// another node: openraft 0.9's leader lease, its `election_timeout_max`.
-    fn voter_lease(&self) -> Duration {
-        self.inner.settings.election_timeout_max
     }
 
     /// Logs each change of leader, so an operator reading one node's log

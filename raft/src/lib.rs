@@ -3,6 +3,7 @@
 //! [`Cluster`], the handle the node uses to run and change the group.
 
 mod cluster;
+mod election;
 mod error;
 pub mod health;
 mod network;

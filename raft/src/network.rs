@@ -34,6 +34,9 @@ pub struct Peers {
     /// Per follower, the term and the send time of the latest AppendEntries
     /// it accepted from this node as leader.
     acks: Mutex<HashMap<NodeId, (u64, Instant)>>,
+    /// When this node last took an AppendEntries (or a snapshot) from a
+    /// leader as its leader's.
+    heard_from_leader: Mutex<Option<Instant>>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -85,6 +88,16 @@ impl Peers {
     /// When the latest AppendEntries of `term` that `id` accepted was sent.
     pub fn acked_at(&self, id: NodeId, term: u64) -> Option<Instant> {
         self.acks.lock().expect("peer ack lock").get(&id).filter(|(t, _)| *t == term).map(|(_, at)| *at)
+    }
+
+    /// This node took a message from a leader as its leader's.
+    pub fn leader_heard(&self) {
+        *self.heard_from_leader.lock().expect("peer leader lock") = Some(Instant::now());
+    }
+
+    /// When this node last took a message from a leader; `None` if never.
+    pub fn heard_from_leader(&self) -> Option<Instant> {
+        *self.heard_from_leader.lock().expect("peer leader lock")
     }
 
     /// A message from or to `id` went through.

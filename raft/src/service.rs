@@ -7,7 +7,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use openraft::raft::AppendEntriesResponse;
+
 use crate::cluster::{Cluster, LeaderOp};
+use crate::election::PreVote;
 
 pub struct TransportService {
     pub(crate) cluster: Cluster,
@@ -27,7 +30,12 @@ impl RaftTransport for TransportService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(req)?;
         self.cluster.peers().contacted(rpc.vote.leader_id.node_id, None);
-        encode(&self.cluster.raft().append_entries(rpc).await)
+        let reply = self.cluster.raft().append_entries(rpc).await;
+        // Anything but a higher vote means this node took the sender as its leader.
+        if reply.as_ref().is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.cluster.peers().leader_heard();
+        }
+        encode(&reply)
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
@@ -39,12 +47,22 @@ impl RaftTransport for TransportService {
     async fn install_snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> = decode(req)?;
         self.cluster.peers().contacted(rpc.vote.leader_id.node_id, None);
-        encode(&self.cluster.raft().install_snapshot(rpc).await)
+        let leader = rpc.vote;
+        let reply = self.cluster.raft().install_snapshot(rpc).await;
+        if reply.as_ref().is_ok_and(|r| r.vote == leader) {
+            self.cluster.peers().leader_heard();
+        }
+        encode(&reply)
     }
 
     async fn elect(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let from: crate::NodeId = decode(req)?;
         encode(&self.cluster.stand(from).await)
+    }
+
+    async fn pre_vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let req: PreVote = decode(req)?;
+        encode(&self.cluster.grants_pre_vote(&req).await)
     }
 
     async fn forward(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {

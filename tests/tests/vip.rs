@@ -163,11 +163,72 @@ fn a_holder_cut_off_from_its_peers_drops_the_vip_within_the_lease_and_there_is_n
 
     t.exec(&host, &["iptables", "-F"]);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(s.sampler.holders().len(), 1, "after the heal exactly one holder");
-    let holder = s.holder();
+    assert_eq!(s.sampler.holders(), [next], "after the heal exactly one holder, the one elected during the partition");
     s.sampler.assert_never_two_holders();
     // The holder announces again (within `announce_every`); the client follows it.
-    s.assert_client_sees(holder);
+    s.assert_client_sees(next);
+}
+
+#[test]
+fn when_the_holders_link_is_cut_another_node_serves_within_300ms_median_600ms_at_most_and_keeps_it_after_the_rejoin() {
+    let s = setup();
+    let t = s.c.topology();
+    let mut outages = Vec::new();
+    for round in 0..5 {
+        let cut = s.holder();
+        let host = format!("n{cut}");
+        let probe = Prober::start(&t.ns("c"), front());
+        std::thread::sleep(Duration::from_millis(200));
+        let fault = Instant::now();
+        t.ip(&host, &["link", "set", "eth0", "down"]);
+        let next = s.wait_holder("another node to hold the VIP", Duration::from_secs(3), |h| h != cut);
+        std::thread::sleep(Duration::from_millis(300));
+        let outage = probe.outage_after(fault);
+        eprintln!("round {round}: node {cut}'s link cut, node {next} holds the VIP; outage {} ms", outage.as_millis());
+        s.assert_client_sees(next);
+        outages.push(outage);
+        let back = Instant::now();
+        t.ip(&host, &["link", "set", "eth0", "up"]);
+        // The cut node rejoins as a follower: having never won a pre-vote
+        // while cut off, it has no higher term to unseat the new leader with.
+        wait_for(Duration::from_secs(5), "the cut node to follow again", || {
+            (s.c.local_status(cut)?["leader"].as_u64()? == next).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let since_back: Vec<_> = s.sampler.samples().into_iter().filter(|(at, _)| *at >= back).collect();
+        assert!(since_back.iter().all(|(_, h)| h == &vec![next]), "node {next} held the VIP throughout the rejoin: {since_back:?}");
+    }
+    s.sampler.assert_never_two_holders();
+    outages.sort();
+    let (median, max) = (outages[outages.len() / 2], outages[outages.len() - 1]);
+    eprintln!("link cut: median outage {} ms, at most {} ms ({outages:?})", median.as_millis(), max.as_millis());
+    assert!(median <= Duration::from_millis(300), "median {median:?} of {outages:?}");
+    assert!(max <= Duration::from_millis(600), "max {max:?} of {outages:?}");
+}
+
+#[test]
+fn a_follower_cut_off_for_a_second_rejoins_without_raising_the_term_or_moving_the_vip() {
+    let s = setup();
+    let t = s.c.topology();
+    let holder = s.holder();
+    let term = s.c.local_status(holder).unwrap()["term"].as_u64().unwrap();
+    let cut = (1..=3).find(|n| *n != holder).unwrap();
+    let began = Instant::now();
+    t.ip(&format!("n{cut}"), &["link", "set", "eth0", "down"]);
+    // Several of its turns to stand pass while it is cut off; no pre-vote wins.
+    std::thread::sleep(Duration::from_secs(1));
+    t.ip(&format!("n{cut}"), &["link", "set", "eth0", "up"]);
+    wait_for(Duration::from_secs(5), "the cut node to follow again", || {
+        (s.c.local_status(cut)?["leader"].as_u64()? == holder).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for node in 1..=3 {
+        assert_eq!(s.c.local_status(node).unwrap()["term"], term, "node {node} is still in term {term}");
+    }
+    let samples: Vec<_> = s.sampler.samples().into_iter().filter(|(at, _)| *at >= began).collect();
+    assert!(samples.iter().all(|(_, h)| h == &vec![holder]), "node {holder} held the VIP throughout");
+    let log = s.c.nodes[cut as usize - 1].log();
+    assert!(!log.contains("standing for election"), "the cut node never stood");
 }
 
 #[test]
@@ -224,8 +285,8 @@ fn a_frozen_holder_is_replaced_loses_its_address_to_the_kernel_within_1500ms_and
         took_over.as_millis(),
         gone.as_millis()
     );
-    // Another node took over while it was frozen (within the 3 s); how soon is printed above.
-    assert_ne!(next, frozen);
+    // The crash bound: a frozen holder is replaced as fast as one whose link is cut.
+    assert!(took_over <= Duration::from_millis(600), "a new holder within the crash bound: {took_over:?}");
     assert!(gone <= Duration::from_millis(1500), "the address lifetime fences the frozen node: {gone:?}");
     let after_gone: Vec<_> = samples.iter().filter(|(at, _)| at.duration_since(start) > gone).collect();
     assert!(after_gone.iter().all(|(_, h)| h == &vec![next]), "after its address expired and after SIGCONT, only node {next} holds it");
