@@ -13,18 +13,31 @@ use super::netlink::Link;
 const ETH_P_ARP: u16 = 0x0806;
 const BROADCAST: [u8; 6] = [0xff; 6];
 
-/// Announces `vip` on `link` once (each form once).
-pub fn announce(link: &Link, vip: IpAddr) -> io::Result<()> {
-    let mac = link.mac.ok_or_else(|| io::Error::other(format!("{} has no Ethernet address to announce with", link.name)))?;
-    match vip {
-        IpAddr::V4(ip) => {
-            let socket = packet_socket()?;
-            for op in [ArpOp::Request, ArpOp::Reply] {
-                send_frame(&socket, link.index, &garp(mac, ip, op))?;
+/// Sends the announcements. Keeps its packet socket open: closing one makes
+/// the kernel wait out an RCU grace period (tens of milliseconds on a busy
+/// host), which would hold up the next VIP's takeover.
+#[derive(Default)]
+pub struct Announcer {
+    packet: Option<Socket>,
+}
+
+impl Announcer {
+    /// Announces `vip` on `link` once (each form once).
+    pub fn announce(&mut self, link: &Link, vip: IpAddr) -> io::Result<()> {
+        let mac = link.mac.ok_or_else(|| io::Error::other(format!("{} has no Ethernet address to announce with", link.name)))?;
+        match vip {
+            IpAddr::V4(ip) => {
+                let socket = match &mut self.packet {
+                    Some(socket) => socket,
+                    none => none.insert(packet_socket()?),
+                };
+                for op in [ArpOp::Request, ArpOp::Reply] {
+                    send_frame(socket, link.index, &garp(mac, ip, op))?;
+                }
+                Ok(())
             }
-            Ok(())
+            IpAddr::V6(ip) => neighbour_advertisement(link.index, mac, ip),
         }
-        IpAddr::V6(ip) => neighbour_advertisement(link.index, mac, ip),
     }
 }
 
@@ -56,8 +69,10 @@ fn garp(mac: [u8; 6], ip: Ipv4Addr, op: ArpOp) -> Vec<u8> {
     f
 }
 
+/// A packet socket that only sends: protocol 0 receives nothing, so no
+/// ARP traffic queues up on it while it stays open.
 fn packet_socket() -> io::Result<Socket> {
-    Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(i32::from(ETH_P_ARP.to_be()))))
+    Socket::new(Domain::PACKET, Type::RAW, None)
 }
 
 fn send_frame(socket: &Socket, ifindex: u32, frame: &[u8]) -> io::Result<()> {

@@ -70,11 +70,21 @@ pub struct VipManager {
     leading: Option<(u64, Instant)>,
     /// The spec version whose VIPs were last cleared of a crashed run's copies.
     cleared: u64,
+    announcer: announce::Announcer,
 }
 
 impl VipManager {
     pub fn new(cluster: Cluster, settings: VipSettings, status: Arc<VipStatus>) -> std::io::Result<VipManager> {
-        Ok(VipManager { cluster, settings, netlink: Netlink::connect()?, status, held: BTreeMap::new(), leading: None, cleared: 0 })
+        Ok(VipManager {
+            cluster,
+            settings,
+            netlink: Netlink::connect()?,
+            status,
+            held: BTreeMap::new(),
+            leading: None,
+            cleared: 0,
+            announcer: Default::default(),
+        })
     }
 
     /// Holds the VIPs while this node may, until `stop` turns true; then
@@ -194,7 +204,7 @@ impl VipManager {
             // The takeover burst, a second burst a moment later, then one now and then.
             let count = if held.announced < 2 { self.settings.announce_burst.max(1) } else { 1 };
             for _ in 0..count {
-                if let Err(e) = announce::announce(&held.link, net.addr()) {
+                if let Err(e) = self.announcer.announce(&held.link, net.addr()) {
                     tracing::warn!(vip = %net, error = %e, "cannot announce the VIP");
                     break;
                 }
