@@ -52,6 +52,8 @@ impl VipStatus {
 
 struct Held {
     link: Link,
+    /// The spec's `interface` it was added for (`auto` or a name).
+    wanted_interface: String,
     since_ms: u64,
     term: u64,
     refreshed: Instant,
@@ -156,6 +158,15 @@ impl VipManager {
         for vip in dropped {
             self.release(vip, "the spec no longer has it").await;
         }
+        // A VIP whose interface the spec changed moves to the new one.
+        let moved: Vec<IpNet> = wanted
+            .iter()
+            .filter(|w| self.held.get(&w.address.0).is_some_and(|h| h.wanted_interface != w.interface))
+            .map(|w| w.address.0)
+            .collect();
+        for vip in moved {
+            self.release(vip, "the spec names another interface for it").await;
+        }
         match self.entitled(handover) {
             Ok(()) => {
                 for vip in &wanted {
@@ -189,7 +200,15 @@ impl VipManager {
             let term = self.leading.map_or(0, |(t, _)| t);
             tracing::info!(vip = %net, interface = %link.name, term, "VIP acquired");
             self.hook("acquire", net);
-            let held = Held { link, since_ms: now_ms(), term, refreshed: now, next_announce: now, announced: 0 };
+            let held = Held {
+                link,
+                wanted_interface: vip.interface.clone(),
+                since_ms: now_ms(),
+                term,
+                refreshed: now,
+                next_announce: now,
+                announced: 0,
+            };
             self.held.insert(net, held);
         }
         let held = self.held.get_mut(&net).expect("held above");
