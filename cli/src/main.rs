@@ -431,24 +431,29 @@ fn print_health(json_out: bool, r: &HealthReply) {
 }
 
 fn print_vips(json_out: bool, r: &VipListReply) {
+    let committed = |vip: &str| r.committed.iter().find(|c| c.vip == vip);
     if json_out {
+        let record = |vip: &str| committed(vip).map(|c| json!({ "node": c.node, "term": c.term, "since_ms": c.since_ms }));
         let mut list: Vec<_> = r
             .vips
             .iter()
-            .map(|v| json!({ "vip": v.vip, "node": v.node, "interface": v.interface, "since_ms": v.since_ms, "term": v.term }))
+            .map(|v| {
+                json!({ "vip": v.vip, "node": v.node, "interface": v.interface, "since_ms": v.since_ms, "term": v.term, "committed": record(&v.vip) })
+            })
             .collect();
-        list.extend(r.unheld.iter().map(|v| json!({ "vip": v, "node": null })));
+        list.extend(r.unheld.iter().map(|v| json!({ "vip": v, "node": null, "committed": record(v) })));
         println!("{}", serde_json::Value::Array(list));
         return;
     }
     let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let mut rows = vec![["VIP", "NODE", "INTERFACE", "SINCE", "TERM"].map(String::from).to_vec()];
+    let record = |vip: &str| committed(vip).map_or("-".to_owned(), |c| format!("node {} (term {})", c.node, c.term));
+    let mut rows = vec![["VIP", "NODE", "INTERFACE", "SINCE", "TERM", "COMMITTED"].map(String::from).to_vec()];
     for v in &r.vips {
         let since = humantime::format_duration(Duration::from_secs(now.saturating_sub(v.since_ms) / 1000)).to_string();
-        rows.push(vec![v.vip.clone(), v.node.to_string(), v.interface.clone(), format!("{since} ago"), v.term.to_string()]);
+        rows.push(vec![v.vip.clone(), v.node.to_string(), v.interface.clone(), format!("{since} ago"), v.term.to_string(), record(&v.vip)]);
     }
     for v in &r.unheld {
-        rows.push(vec![v.clone(), "-".into(), "-".into(), "-".into(), "-".into()]);
+        rows.push(vec![v.clone(), "-".into(), "-".into(), "-".into(), "-".into(), record(v)]);
     }
     let mut out = if rows.len() == 1 { "the spec in force has no VIPs".to_owned() } else { table(&rows) };
     for id in &r.unreachable {

@@ -352,7 +352,13 @@ impl Admin for AdminService {
         let unreachable = applied.state.nodes.keys().filter(|id| !answers.contains_key(id)).copied().collect();
         let problems =
             answers.values().filter(|a| !a.last_error.is_empty()).map(|a| format!("node {}: {}", a.node, a.last_error)).collect();
-        Ok(Response::new(VipListReply { vips, unheld, unreachable, problems }))
+        let committed = applied
+            .state
+            .vips
+            .iter()
+            .map(|(vip, a)| HeldVip { vip: vip.clone(), node: a.node, interface: String::new(), since_ms: a.since_ms, term: a.term })
+            .collect();
+        Ok(Response::new(VipListReply { vips, unheld, unreachable, problems, committed }))
     }
 
     async fn vip_local(&self, _: Request<VipLocalRequest>) -> Result<Response<VipLocalReply>, Status> {

@@ -16,7 +16,7 @@ use std::io::Cursor;
 pub use cluster::{Cluster, Handover, MemberRole, MemberStatus, Membership, Settings, Status};
 pub use error::ClusterError;
 pub use health::{AdminState, HealthState, ObservedChange, ServerHealth};
-pub use state::{ClusterState, Command, CommandResult, ConfigVersion, NodeInfo};
+pub use state::{ClusterState, Command, CommandResult, ConfigVersion, NodeInfo, VipAssignment};
 pub use store::Applied;
 
 pub type NodeId = u64;

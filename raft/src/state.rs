@@ -31,6 +31,9 @@ pub enum Command {
     SetServerAdmin { backend: String, server: String, state: AdminState, at_ms: u64 },
     /// A node's self-check of its own frontends passed or failed.
     ReportServing { id: NodeId, serving: bool },
+    /// The leader of `term` holds these VIPs (the spec's, written as in it)
+    /// and no others. Refused from a term older than the record's.
+    AssignVips { node: NodeId, term: u64, vips: Vec<String>, at_ms: u64 },
 }
 
 /// What applying a command did.
@@ -85,6 +88,18 @@ pub struct ClusterState {
     pub voters: BTreeSet<NodeId>,
     #[serde(default)]
     pub health: HealthState,
+    /// Which node holds which VIP, as its holder recorded it.
+    #[serde(default)]
+    pub vips: BTreeMap<String, VipAssignment>,
+}
+
+/// The committed record of a VIP's holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipAssignment {
+    pub node: NodeId,
+    /// The Raft term the holder took the VIP in.
+    pub term: u64,
+    pub since_ms: u64,
 }
 
 impl ClusterState {
@@ -152,6 +167,23 @@ impl ClusterState {
                 }
                 None => CommandResult::Rejected(not_a_member(*id)),
             },
+            Command::AssignVips { node, term, vips, at_ms } => {
+                if let Some(newer) = self.vips.values().find(|a| a.term > *term) {
+                    return CommandResult::Rejected(format!(
+                        "node {node} of term {term} cannot record VIPs: node {} recorded them in term {}",
+                        newer.node, newer.term
+                    ));
+                }
+                let before = std::mem::take(&mut self.vips);
+                for vip in vips {
+                    let since_ms = match before.get(vip) {
+                        Some(a) if a.node == *node && a.term == *term => a.since_ms,
+                        _ => *at_ms,
+                    };
+                    self.vips.insert(vip.clone(), VipAssignment { node: *node, term: *term, since_ms });
+                }
+                CommandResult::Done
+            }
         }
     }
 
@@ -260,6 +292,27 @@ mod tests {
         let cur = st.current().unwrap();
         assert_eq!(cur.spec, spec("a"));
         assert_eq!(cur.rollback_of, Some(1));
+    }
+
+    #[test]
+    fn a_vip_record_keeps_its_holders_since_and_refuses_an_older_term() {
+        let mut st = ClusterState::default();
+        let assign = |node, term, vips: &[&str], at_ms| Command::AssignVips {
+            node,
+            term,
+            vips: vips.iter().map(|v| v.to_string()).collect(),
+            at_ms,
+        };
+        assert_eq!(st.apply(&assign(1, 3, &["192.0.2.100/24"], 10)), CommandResult::Done);
+        assert_eq!(st.apply(&assign(1, 3, &["192.0.2.100/24", "192.0.2.101/24"], 20)), CommandResult::Done);
+        assert_eq!(st.vips["192.0.2.100/24"], VipAssignment { node: 1, term: 3, since_ms: 10 }, "held on: the same since");
+        assert_eq!(st.vips["192.0.2.101/24"].since_ms, 20);
+        assert_eq!(st.apply(&assign(2, 4, &["192.0.2.100/24"], 30)), CommandResult::Done);
+        assert_eq!(st.vips.len(), 1, "the holder records every VIP it holds and no others");
+        assert_eq!(st.vips["192.0.2.100/24"], VipAssignment { node: 2, term: 4, since_ms: 30 }, "a new holder: a new since");
+        let stale = st.apply(&assign(1, 3, &["192.0.2.100/24"], 40));
+        assert!(matches!(&stale, CommandResult::Rejected(why) if why.contains("node 2 recorded them in term 4")), "{stale:?}");
+        assert_eq!(st.vips["192.0.2.100/24"].node, 2, "nothing changed");
     }
 
     #[test]

@@ -103,6 +103,15 @@ fn the_leader_holds_the_vip_and_a_planned_move_interrupts_the_client_for_at_most
     let listed = s.c.ctl(2, &["vip", "list", "--json"]).json();
     assert_eq!(listed[0]["vip"], "192.0.2.100/24", "{listed}");
     assert_eq!(listed[0]["node"], from, "{listed}");
+    let term = listed[0]["term"].as_u64().unwrap();
+    // The holder records itself in the replicated state, on every node.
+    let committed = |node: u64| {
+        let listed = s.c.ctl(node, &["vip", "list", "--json"]).json();
+        Some((listed[0]["committed"]["node"].as_u64()?, listed[0]["committed"]["term"].as_u64()?))
+    };
+    for node in 1..=3 {
+        wait_for(Duration::from_secs(2), "the holder's record", || (committed(node) == Some((from, term))).then_some(()));
+    }
     let to = if from == 3 { 1 } else { from + 1 };
 
     let probe = Prober::start(&s.c.topology().ns("c"), front());
@@ -118,6 +127,11 @@ fn the_leader_holds_the_vip_and_a_planned_move_interrupts_the_client_for_at_most
     s.sampler.assert_never_two_holders();
     s.assert_client_sees(to);
     assert_eq!(s.c.agreed_leader(Duration::from_secs(2)), to, "the VIP moves with leadership");
+    let new_term = s.c.local_status(to).unwrap()["term"].as_u64().unwrap();
+    assert!(new_term > term);
+    for node in 1..=3 {
+        wait_for(Duration::from_secs(2), "the new holder's record", || (committed(node) == Some((to, new_term))).then_some(()));
+    }
 }
 
 #[test]

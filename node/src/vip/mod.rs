@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use openraft::ServerState;
 use raftlb_proto::spec::Vip;
-use raftlb_raft::{Cluster, Handover};
+use raftlb_raft::{Cluster, Command, Handover, VipAssignment};
 use tokio::sync::watch;
 
 use crate::config::{Fencing, VipSettings};
@@ -73,7 +73,13 @@ pub struct VipManager {
     /// The spec version whose VIPs were last cleared of a crashed run's copies.
     cleared: u64,
     announcer: announce::Announcer,
+    /// The record of held VIPs last proposed for commit; cleared again when
+    /// the write failed, so that it is proposed anew.
+    recording: Arc<Mutex<Option<VipRecord>>>,
 }
+
+/// A term and the VIPs its leader holds.
+type VipRecord = (u64, Vec<String>);
 
 impl VipManager {
     pub fn new(cluster: Cluster, settings: VipSettings, status: Arc<VipStatus>) -> std::io::Result<VipManager> {
@@ -86,6 +92,7 @@ impl VipManager {
             leading: None,
             cleared: 0,
             announcer: Default::default(),
+            recording: Arc::default(),
         })
     }
 
@@ -172,6 +179,7 @@ impl VipManager {
                 for vip in &wanted {
                     self.hold(vip).await;
                 }
+                self.record(&applied.state.vips);
             }
             Err(why) => {
                 self.release_all(why).await;
@@ -232,6 +240,30 @@ impl VipManager {
                 now + if held.announced == 0 { self.settings.announce_again_after.get() } else { self.settings.announce_every.get() };
             held.announced = held.announced.saturating_add(1);
         }
+    }
+
+    /// Commits which VIPs this node holds and in which term, unless the
+    /// record says so already. In the background: holding a VIP never
+    /// waits for a write.
+    fn record(&self, committed: &BTreeMap<String, VipAssignment>) {
+        let Some((term, _)) = self.leading else { return };
+        let me = self.cluster.id();
+        let vips: Vec<String> = self.held.keys().map(|v| v.to_string()).collect();
+        let recorded =
+            committed.len() == vips.len() && vips.iter().all(|v| committed.get(v).is_some_and(|a| a.node == me && a.term == term));
+        let mut recording = self.recording.lock().expect("vip record lock");
+        if recorded || recording.as_ref() == Some(&(term, vips.clone())) {
+            return;
+        }
+        *recording = Some((term, vips.clone()));
+        let (cluster, slot) = (self.cluster.clone(), self.recording.clone());
+        tokio::spawn(async move {
+            if let Err(e) = cluster.write(Command::AssignVips { node: me, term, vips, at_ms: now_ms() }).await {
+                tracing::warn!(error = %e, "cannot record the VIPs this node holds; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                *slot.lock().expect("vip record lock") = None;
+            }
+        });
     }
 
     async fn release(&mut self, vip: IpNet, why: &str) {
