@@ -112,6 +112,11 @@ enum NodeCmd {
     },
     /// Remove a member from the cluster.
     Remove { id: u64 },
+    /// Drain a node for maintenance: it hands leadership and its VIPs to
+    /// another voter and does not stand for election until undrained.
+    Drain { id: u64 },
+    /// End a node's drain: it may lead and hold VIPs again.
+    Undrain { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -201,6 +206,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Node(NodeCmd::Remove { id }) => {
             let r = admin.node_remove(c.request(NodeRemoveRequest { id })).await.map_err(|s| c.fail(s))?.into_inner();
             print_members(json_out, &format!("node {id} removed"), &r);
+        }
+        Cmd::Node(node @ (NodeCmd::Drain { .. } | NodeCmd::Undrain { .. })) => {
+            let (NodeCmd::Drain { id } | NodeCmd::Undrain { id }) = node else { unreachable!("matched above") };
+            let drain = matches!(node, NodeCmd::Drain { .. });
+            let r = admin.node_drain(c.request(NodeDrainRequest { id, drain })).await.map_err(|s| c.fail(s))?.into_inner();
+            emit(json_out, json!({ "node": id, "drain": drain, "leader": r.leader }), || {
+                if drain {
+                    format!("node {id} is drained: it holds no VIPs and does not stand for leadership; node {} leads", r.leader)
+                } else {
+                    format!("node {id} is no longer drained: it may lead and hold VIPs again")
+                }
+            });
         }
         Cmd::Leader(LeaderCmd::Transfer { node }) => {
             let r = admin.leader_transfer(c.request(LeaderTransferRequest { node })).await.map_err(|s| c.fail(s))?.into_inner();

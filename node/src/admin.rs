@@ -335,6 +335,12 @@ impl Admin for AdminService {
         Ok(Response::new(NodeChangeReply { voters: m.voters, learners: m.learners }))
     }
 
+    async fn node_drain(&self, req: Request<NodeDrainRequest>) -> Result<Response<NodeDrainReply>, Status> {
+        let NodeDrainRequest { id, drain } = req.into_inner();
+        let leader = self.cluster.set_drain(id, drain).await.map_err(status_of)?;
+        Ok(Response::new(NodeDrainReply { leader: leader.unwrap_or_default() }))
+    }
+
     async fn leader_transfer(&self, req: Request<LeaderTransferRequest>) -> Result<Response<LeaderTransferReply>, Status> {
         let from = self.cluster.leader().unwrap_or_default();
         let started = std::time::Instant::now();

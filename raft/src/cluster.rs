@@ -121,6 +121,16 @@ pub const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 /// How long a handoff may take after the lease ran out before it is given up.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long `set_drain` waits for a drained leader to hand over.
+const DRAIN_HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// After a drained leader failed to hand over, before it tries again.
+const DRAIN_RETRY: Duration = Duration::from_secs(10);
+
+/// How long this node goes without a leader before it stands although
+/// drained: a cluster without a leader could not even end the drain.
+pub(crate) const DRAINED_STANDS_AFTER: Duration = Duration::from_secs(3);
+
 /// How long before the successor is asked to stand the VIPs are released.
 const RELEASE_AHEAD: Duration = Duration::from_millis(30);
 
@@ -245,6 +255,7 @@ impl Cluster {
         };
         tokio::spawn(cluster.clone().log_leadership());
         tokio::spawn(cluster.clone().run_elections());
+        tokio::spawn(cluster.clone().follow_drain());
         tokio::spawn(cluster.clone().report_version());
         Ok(cluster)
     }
@@ -492,15 +503,15 @@ impl Cluster {
             Some(t) if !voters.contains(&t) => {
                 return Err(ClusterError::Rejected(format!("node {t} is not a voter: the voters are {}", list(voters.into_iter()))))
             }
+            Some(t) if self.is_drained(t) => {
+                return Err(ClusterError::Rejected(format!("node {t} is drained: run `lbctl node undrain {t}` first")))
+            }
             Some(t) => t,
             None => {
                 let matched = |id: &NodeId| m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
-                voters
-                    .iter()
-                    .copied()
-                    .filter(|v| *v != me)
-                    .max_by_key(matched)
-                    .ok_or_else(|| ClusterError::Rejected(format!("node {me} is the only voter: there is no other node to lead")))?
+                voters.iter().copied().filter(|v| *v != me && !self.is_drained(*v)).max_by_key(matched).ok_or_else(|| {
+                    ClusterError::Rejected(format!("node {me} is the only voter not drained: there is no other node to lead"))
+                })?
             }
         };
         let addr = membership.get_node(&target).map(|n| n.addr.clone()).unwrap_or_default();
@@ -791,6 +802,62 @@ impl Cluster {
             }
             if metrics.changed().await.is_err() {
                 return;
+            }
+        }
+    }
+
+    /// Whether node `id` is drained in the registry.
+    pub fn is_drained(&self, id: NodeId) -> bool {
+        self.applied().state.nodes.get(&id).is_some_and(|n| n.drain)
+    }
+
+    /// Drains node `id` (or ends its drain). A drained node does not stand
+    /// for election; if it leads, it hands leadership (and with it the VIPs)
+    /// to another voter, which this waits for. Returns the leader after.
+    pub async fn set_drain(&self, id: NodeId, drain: bool) -> Result<Option<NodeId>, ClusterError> {
+        self.write(Command::SetNodeDrain { id, drain }).await?;
+        if !drain {
+            return Ok(self.leader());
+        }
+        let mut metrics = self.inner.raft.metrics();
+        let moved = async {
+            loop {
+                if let Some(leader) = metrics.borrow_and_update().current_leader.filter(|l| *l != id) {
+                    return Some(leader);
+                }
+                metrics.changed().await.ok()?;
+            }
+        };
+        match tokio::time::timeout(DRAIN_HANDOVER_WAIT, moved).await {
+            Ok(leader) => Ok(leader),
+            Err(_) => Err(ClusterError::Rejected(format!(
+                "node {id} is drained but still leads after {} ms: no other voter took over yet; it hands over as soon as one can",
+                DRAIN_HANDOVER_WAIT.as_millis()
+            ))),
+        }
+    }
+
+    /// As a drained leader, hands leadership over to an undrained voter
+    /// that is in contact; after a failed handoff, tries again later.
+    async fn follow_drain(self) {
+        let me = self.id();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let m = self.metrics();
+            if m.running_state.is_err() {
+                return;
+            }
+            if m.current_leader != Some(me) || !self.is_drained(me) || *self.inner.handover.borrow() != Handover::Idle {
+                continue;
+            }
+            let reachable = |v: &NodeId| self.inner.peers.last_contact(*v).is_some_and(|d| d < QUORUM_LOST_AFTER);
+            if !m.membership_config.membership().voter_ids().any(|v| v != me && !self.is_drained(v) && reachable(&v)) {
+                continue;
+            }
+            tracing::info!("this node is drained: handing leadership over");
+            if let Err(e) = self.transfer_leadership(None).await {
+                tracing::warn!(error = %e, "a drained leader could not hand over; trying again later");
+                tokio::time::sleep(DRAIN_RETRY).await;
             }
         }
     }

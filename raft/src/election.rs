@@ -24,7 +24,7 @@ use raftlb_proto::raft::raft_transport_client::RaftTransportClient;
 use raftlb_proto::raft::Payload;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Cluster, Handover};
+use crate::cluster::{Cluster, Handover, DRAINED_STANDS_AFTER};
 use crate::NodeId;
 
 /// How often a follower looks whether it should stand.
@@ -114,6 +114,10 @@ impl Cluster {
                 continue;
             }
             let heard = self.peers().heard_from_leader().into_iter().chain(led_until).max().unwrap_or(started);
+            // A drained node leaves leading to the others, unless none leads for long.
+            if self.is_drained(me) && heard.elapsed() < DRAINED_STANDS_AFTER {
+                continue;
+            }
             if silent_since != Some(heard) {
                 silent_since = Some(heard);
                 stand_at = heard + self.stand_after(&voters, last_leader);

@@ -31,6 +31,9 @@ pub enum Command {
     SetServerAdmin { backend: String, server: String, state: AdminState, at_ms: u64 },
     /// A node's self-check of its own frontends passed or failed.
     ReportServing { id: NodeId, serving: bool },
+    /// The operator drains a node (it gives up leadership and its VIPs and
+    /// does not stand for election) or ends the drain.
+    SetNodeDrain { id: NodeId, drain: bool },
     /// The leader of `term` holds these VIPs (the spec's, written as in it)
     /// and no others. Refused from a term older than the record's.
     AssignVips { node: NodeId, term: u64, vips: Vec<String>, at_ms: u64 },
@@ -167,6 +170,18 @@ impl ClusterState {
                 }
                 None => CommandResult::Rejected(not_a_member(*id)),
             },
+            Command::SetNodeDrain { id, drain } => {
+                if !self.nodes.contains_key(id) {
+                    return CommandResult::Rejected(not_a_member(*id));
+                }
+                if *drain && !self.voters.iter().any(|v| v != id && !self.nodes.get(v).is_some_and(|n| n.drain)) {
+                    return CommandResult::Rejected(format!(
+                        "node {id} cannot be drained: no other voter is undrained to lead; undrain or add one first"
+                    ));
+                }
+                self.nodes.get_mut(id).expect("checked above").drain = *drain;
+                CommandResult::Done
+            }
             Command::AssignVips { node, term, vips, at_ms } => {
                 if let Some(newer) = self.vips.values().find(|a| a.term > *term) {
                     return CommandResult::Rejected(format!(
@@ -313,6 +328,21 @@ mod tests {
         let stale = st.apply(&assign(1, 3, &["192.0.2.100/24"], 40));
         assert!(matches!(&stale, CommandResult::Rejected(why) if why.contains("node 2 recorded them in term 4")), "{stale:?}");
         assert_eq!(st.vips["192.0.2.100/24"].node, 2, "nothing changed");
+    }
+
+    #[test]
+    fn a_node_is_drained_only_while_another_voter_is_not() {
+        let mut st = ClusterState::default();
+        let members = Membership::new(vec![[1, 2].into()], None);
+        st.apply_membership(&members);
+        assert_eq!(st.apply(&Command::SetNodeDrain { id: 1, drain: true }), CommandResult::Done);
+        assert!(st.nodes[&1].drain);
+        let last = st.apply(&Command::SetNodeDrain { id: 2, drain: true });
+        assert!(matches!(&last, CommandResult::Rejected(why) if why.contains("no other voter is undrained")), "{last:?}");
+        assert!(!st.nodes[&2].drain, "nothing changed");
+        assert!(matches!(st.apply(&Command::SetNodeDrain { id: 9, drain: true }), CommandResult::Rejected(_)));
+        assert_eq!(st.apply(&Command::SetNodeDrain { id: 1, drain: false }), CommandResult::Done);
+        assert!(!st.nodes[&1].drain);
     }
 
     #[test]

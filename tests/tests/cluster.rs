@@ -215,6 +215,7 @@ fn bad_cluster_commands_get_one_clear_line_and_a_failure_exit() {
     let cases = [
         (c.endpoint(2), vec!["cluster", "init"], "already initialized"),
         (c.endpoint(2), vec!["node", "remove", "9"], "node 9 is not a member: the members are 1, 2, 3"),
+        (c.endpoint(2), vec!["node", "drain", "9"], "node 9 is not a member"),
         (format!("127.0.0.1:{}", raftlb_tests::free_port()), vec!["cluster", "status"], "cannot reach lbnode at 127.0.0.1:"),
         (c.endpoint(1), vec!["node", "add", "4", "127.0.0.1:1"], "cannot reach a node at 127.0.0.1:1"),
         (c.endpoint(1), vec!["node", "add", "2", &second], "node 2 is already a voter"),

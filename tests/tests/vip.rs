@@ -321,6 +321,54 @@ fn a_held_vip_moves_to_the_interface_a_new_spec_names() {
 }
 
 #[test]
+fn a_drained_holder_hands_the_vip_over_and_does_not_take_it_back_until_undrained() {
+    let mut s = setup();
+    let t = s.c.topology();
+    let drained = s.holder();
+    let probe = Prober::start(&t.ns("c"), front());
+    std::thread::sleep(Duration::from_millis(200));
+    let asked = Instant::now();
+    let out = s.c.ctl(drained, &["node", "drain", &drained.to_string(), "--json"]);
+    assert!(out.ok, "{}", out.stderr);
+    let next = out.json()["leader"].as_u64().unwrap();
+    assert_ne!(next, drained, "{}", out.stdout);
+    s.wait_holder("another node to hold the VIP", Duration::from_secs(2), |h| h == next);
+    std::thread::sleep(Duration::from_millis(300));
+    let outage = probe.outage_after(asked);
+    eprintln!("node {drained} drained: node {next} holds the VIP; the client went unanswered for {} ms", outage.as_millis());
+    assert!(outage <= Duration::from_millis(100), "a drain is a planned handoff: {outage:?}");
+    s.assert_client_sees(next);
+    let status = s.c.ctl(next, &["cluster", "status", "--json"]).json();
+    let member = status["members"].as_array().unwrap().iter().find(|m| m["id"] == drained).cloned().unwrap();
+    assert_eq!(member["drain"], true, "{member}");
+
+    // The holder after it stops: the third node takes over, never the drained one.
+    let third = (1..=3).find(|n| *n != drained && *n != next).unwrap();
+    // The last undrained voter cannot be drained.
+    assert!(s.c.ctl(next, &["node", "drain", &third.to_string()]).ok);
+    let refused = s.c.ctl(next, &["node", "drain", &next.to_string()]);
+    assert!(!refused.ok && refused.stderr.contains("no other voter is undrained"), "{}", refused.stderr);
+    assert!(s.c.ctl(next, &["node", "undrain", &third.to_string()]).ok);
+    assert_eq!(s.sampler.holders(), [next], "nothing moved");
+    // Killed: its address stays on its interface until the lifetime ends
+    // (as for any crash in lease fencing); the drained node stands aside.
+    s.c.nodes[next as usize - 1].kill();
+    wait_for(Duration::from_secs(4), "the third node alone to hold the VIP", || (s.sampler.holders() == [third]).then_some(()));
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = s.sampler.samples();
+    let handed = samples.iter().find(|(at, h)| *at >= asked && h == &vec![next]).map(|(at, _)| *at).unwrap();
+    let since_drain: Vec<_> = samples.into_iter().filter(|(at, _)| *at >= handed).collect();
+    assert!(since_drain.iter().all(|(_, h)| !h.contains(&drained)), "the drained node never held the VIP again");
+    assert_eq!(s.sampler.holders(), [third]);
+
+    let out = s.c.ctl(third, &["node", "undrain", &drained.to_string()]);
+    assert!(out.ok, "{}", out.stderr);
+    let out = s.c.ctl(third, &["vip", "move", VIP, &drained.to_string()]);
+    assert!(out.ok, "undrained, it may hold the VIP again: {}", out.stderr);
+    s.wait_holder("the undrained node to hold the VIP", Duration::from_secs(2), |h| h == drained);
+}
+
+#[test]
 fn after_every_node_restarts_exactly_one_holds_the_vip_within_3s() {
     let mut s = setup();
     for id in 1..=3 {
