@@ -806,6 +806,12 @@ impl Cluster {
         }
     }
 
+    /// How many times a peer this node could not reach answered again
+    /// (for the VIP manager: after a partition heals it announces anew).
+    pub fn peer_reconnects(&self) -> u64 {
+        self.inner.peers.reconnects()
+    }
+
     /// Whether node `id` is drained in the registry.
     pub fn is_drained(&self, id: NodeId) -> bool {
         self.applied().state.nodes.get(&id).is_some_and(|n| n.drain)

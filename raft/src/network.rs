@@ -37,6 +37,8 @@ pub struct Peers {
     /// When this node last took an AppendEntries (or a snapshot) from a
     /// leader as its leader's.
     heard_from_leader: Mutex<Option<Instant>>,
+    /// How many times a peer that was unreachable answered again.
+    reconnects: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -106,6 +108,7 @@ impl Peers {
         let c = contact.entry(id).or_default();
         if c.unreachable {
             tracing::info!(peer = id, addr, "peer is reachable again");
+            self.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         *c = Contact { last_ok: Some(Instant::now()), unreachable: false };
     }
@@ -117,6 +120,12 @@ impl Peers {
             tracing::warn!(peer = id, addr, reason, "peer is unreachable; retrying quietly until it answers");
             c.unreachable = true;
         }
+    }
+
+    /// How many times an unreachable peer became reachable again: a healed
+    /// partition, a restarted node.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How long ago a message to or from `id` last went through.

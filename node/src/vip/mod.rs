@@ -73,6 +73,9 @@ pub struct VipManager {
     /// The spec version whose VIPs were last cleared of a crashed run's copies.
     cleared: u64,
     announcer: announce::Announcer,
+    /// Peer reconnects seen so far: a new one (a partition healed) makes the
+    /// holder announce its VIPs again at once.
+    reconnects: u64,
     /// The record of held VIPs last proposed for commit; cleared again when
     /// the write failed, so that it is proposed anew.
     recording: Arc<Mutex<Option<VipRecord>>>,
@@ -92,6 +95,7 @@ impl VipManager {
             leading: None,
             cleared: 0,
             announcer: Default::default(),
+            reconnects: 0,
             recording: Arc::default(),
         })
     }
@@ -173,6 +177,16 @@ impl VipManager {
             .collect();
         for vip in moved {
             self.release(vip, "the spec names another interface for it").await;
+        }
+        let reconnects = self.cluster.peer_reconnects();
+        if reconnects != self.reconnects {
+            self.reconnects = reconnects;
+            // Hosts on the other side of a healed partition may have cached
+            // another holder: a new burst, as on takeover.
+            for held in self.held.values_mut() {
+                held.next_announce = Instant::now();
+                held.announced = 0;
+            }
         }
         match self.entitled(handover) {
             Ok(()) => {
