@@ -327,8 +327,18 @@ fn a_held_vip_moves_to_the_interface_a_new_spec_names() {
     };
     apply("lo.yaml", &SPEC.replace("  - address: 192.0.2.100/24\n", "  - address: 192.0.2.100/24\n    interface: lo\n"));
     wait_for(Duration::from_secs(2), "the VIP to move to lo", || (on("lo") && !on("eth0")).then_some(()));
+    // An interface the node does not have: the VIP is given up, the problem
+    // is shown, and adding is tried again (less and less often) until the spec is fixed.
+    apply("none.yaml", &SPEC.replace("  - address: 192.0.2.100/24\n", "  - address: 192.0.2.100/24\n    interface: nosuch0\n"));
+    wait_for(Duration::from_secs(2), "the VIP to leave lo", || (!on("lo") && !on("eth0")).then_some(()));
+    let listed = s.c.ctl(1, &["vip", "list"]);
+    assert!(listed.stdout.contains("there is no interface \"nosuch0\" on this node"), "{}", listed.stdout);
+    std::thread::sleep(Duration::from_secs(2));
+    let fixed = Instant::now();
     apply("eth0.yaml", SPEC);
     wait_for(Duration::from_secs(2), "the VIP to move back to eth0", || (on("eth0") && !on("lo")).then_some(()));
+    // The fixed spec is tried at once, not after the failing one's backoff.
+    assert!(fixed.elapsed() < Duration::from_millis(200), "{:?}", fixed.elapsed());
     // The sampler may not have read since the re-add; it must see the same holder.
     s.wait_holder("the same node to hold the VIP", Duration::from_secs(1), |h| h == holder);
 }

@@ -26,6 +26,20 @@ use netlink::{Link, Netlink};
 /// How often the manager looks at the lease, besides every change.
 const TICK: Duration = Duration::from_millis(10);
 
+/// A VIP that cannot be added is tried again after this, then after twice
+/// as long each time, up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// When to try adding a VIP again that could not be added.
+struct Retry {
+    at: Instant,
+    /// The wait before `at`; the next one is twice as long.
+    backoff: Duration,
+    /// The spec's `interface` it failed with.
+    interface: String,
+}
+
 /// A VIP this node holds now, as `lbctl vip list` shows it.
 #[derive(Debug, Clone)]
 pub struct HeldVip {
@@ -73,6 +87,8 @@ pub struct VipManager {
     /// The spec version whose VIPs were last cleared of a crashed run's copies.
     cleared: u64,
     announcer: announce::Announcer,
+    /// VIPs that could not be added, and when to try again.
+    retry: BTreeMap<IpNet, Retry>,
     /// Peer reconnects seen so far: a new one (a partition healed) makes the
     /// holder announce its VIPs again at once.
     reconnects: u64,
@@ -95,6 +111,7 @@ impl VipManager {
             leading: None,
             cleared: 0,
             announcer: Default::default(),
+            retry: BTreeMap::new(),
             reconnects: 0,
             recording: Arc::default(),
         })
@@ -196,6 +213,7 @@ impl VipManager {
                 self.record(&applied.state.vips);
             }
             Err(why) => {
+                self.retry.clear();
                 self.release_all(why).await;
                 if matches!(handover, Handover::Releasing { at } if Instant::now() >= at) {
                     self.cluster.handover_released();
@@ -212,13 +230,24 @@ impl VipManager {
         let now = Instant::now();
         let lifetime = self.settings.lifetime.get();
         if !self.held.contains_key(&net) {
-            let link = match self.netlink.link_for(&net, &vip.interface).await {
-                Ok(link) => link,
-                Err(e) => return self.failed(e),
-            };
-            if let Err(e) = self.netlink.add(&link, &net, lifetime.as_secs() as u32).await {
-                return self.failed(e);
+            // A spec that names another interface is tried at once.
+            if self.retry.get(&net).is_some_and(|r| now < r.at && r.interface == vip.interface) {
+                return;
             }
+            let added = match self.netlink.link_for(&net, &vip.interface).await {
+                Ok(link) => self.netlink.add(&link, &net, lifetime.as_secs() as u32).await.map(|()| link),
+                Err(e) => Err(e),
+            };
+            let link = match added {
+                Ok(link) => link,
+                Err(e) => {
+                    // Tried again soon (a passing failure), then less and less often.
+                    let backoff = self.retry.get(&net).map_or(RETRY_FIRST, |r| (r.backoff * 2).min(RETRY_MAX));
+                    self.retry.insert(net, Retry { at: now + backoff, backoff, interface: vip.interface.clone() });
+                    return self.failed(e);
+                }
+            };
+            self.retry.remove(&net);
             let term = self.leading.map_or(0, |(t, _)| t);
             tracing::info!(vip = %net, interface = %link.name, term, "VIP acquired");
             self.hook("acquire", net);
