@@ -523,9 +523,9 @@ impl Cluster {
         outcome
     }
 
-    /// Waits out the voters' lease (from the last acknowledged heartbeat), has the VIPs released just before it ends,
-    /// then asks `target` to stand and waits for it (or, should it fail,
-    /// another node) to lead.
+    /// Waits out the voters' lease (from the last acknowledged heartbeat),
+    /// has the VIPs released just before it ends, then asks `target` to
+    /// stand and waits for it (or, should it fail, another node) to lead.
     async fn await_successor(&self, target: NodeId, addr: &str) -> Result<NodeId, ClusterError> {
         let me = self.id();
         let lease = self.voter_lease();

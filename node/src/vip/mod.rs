@@ -242,7 +242,8 @@ impl VipManager {
                 Ok(link) => link,
                 Err(e) => {
                     // Tried again soon (a passing failure), then less and less often.
-                    let backoff = self.retry.get(&net).map_or(RETRY_FIRST, |r| (r.backoff * 2).min(RETRY_MAX));
+                    let before = self.retry.get(&net).filter(|r| r.interface == vip.interface);
+                    let backoff = before.map_or(RETRY_FIRST, |r| (r.backoff * 2).min(RETRY_MAX));
                     self.retry.insert(net, Retry { at: now + backoff, backoff, interface: vip.interface.clone() });
                     return self.failed(e);
                 }
