@@ -287,10 +287,12 @@ impl Overrides {
             );
         }
         let v = &file.vip;
-        if v.lease.is_zero() || v.lease >= t.election_timeout_min {
+        if v.lease.get() <= t.heartbeat.get() || v.lease >= t.election_timeout_min {
             bail!(
-                "vip.lease ({}) must be above zero and below raft.election_timeout_min ({}): a holder must drop its VIPs before another node can be elected",
+                "vip.lease ({}) must be above raft.heartbeat ({}), or a healthy holder drops its VIPs between heartbeats, \
+                 and below raft.election_timeout_min ({}): a holder must drop its VIPs before another node can be elected",
                 v.lease,
+                t.heartbeat,
                 t.election_timeout_min
             );
         }
@@ -335,7 +337,8 @@ mod tests {
     #[test]
     fn vip_settings_that_break_fencing_are_refused() {
         for (vip, says) in [
-            ("{ lease: 200ms }", "vip.lease (200ms) must be above zero and below raft.election_timeout_min (150ms)"),
+            ("{ lease: 200ms }", "vip.lease (200ms) must be above raft.heartbeat (50ms), or a healthy holder drops its VIPs between heartbeats, and below raft.election_timeout_min (150ms)"),
+            ("{ lease: 50ms }", "vip.lease (50ms) must be above raft.heartbeat (50ms)"),
             ("{ lifetime: 500ms }", "vip.lifetime (500ms) must be whole seconds"),
             ("{ announce_every: 0s }", "must be above zero"),
             ("{ fencing: sometimes }", "unknown variant `sometimes`"),
