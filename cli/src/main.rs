@@ -207,18 +207,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = admin.node_remove(c.request(NodeRemoveRequest { id })).await.map_err(|s| c.fail(s))?.into_inner();
             print_members(json_out, &format!("node {id} removed"), &r);
         }
-        Cmd::Node(node @ (NodeCmd::Drain { .. } | NodeCmd::Undrain { .. })) => {
-            let (NodeCmd::Drain { id } | NodeCmd::Undrain { id }) = node else { unreachable!("matched above") };
-            let drain = matches!(node, NodeCmd::Drain { .. });
-            let r = admin.node_drain(c.request(NodeDrainRequest { id, drain })).await.map_err(|s| c.fail(s))?.into_inner();
-            emit(json_out, json!({ "node": id, "drain": drain, "leader": r.leader }), || {
-                if drain {
-                    format!("node {id} is drained: it holds no VIPs and does not stand for leadership; node {} leads", r.leader)
-                } else {
-                    format!("node {id} is no longer drained: it may lead and hold VIPs again")
-                }
-            });
-        }
+        Cmd::Node(NodeCmd::Drain { id }) => node_drain(&c, json_out, id, true).await?,
+        Cmd::Node(NodeCmd::Undrain { id }) => node_drain(&c, json_out, id, false).await?,
         Cmd::Leader(LeaderCmd::Transfer { node }) => {
             let r = admin.leader_transfer(c.request(LeaderTransferRequest { node })).await.map_err(|s| c.fail(s))?.into_inner();
             emit(json_out, json!({ "from": r.from, "leader": r.leader, "took_ms": r.took_ms }), || {
@@ -445,6 +435,18 @@ fn print_health(json_out: bool, r: &HealthReply) {
         }
         format!("policy: {}   (view of node {})\n\n{}", r.policy, r.answered_by, table(&rows))
     });
+}
+
+async fn node_drain(c: &Client, json_out: bool, id: u64, drain: bool) -> anyhow::Result<()> {
+    let r = c.admin.clone().node_drain(c.request(NodeDrainRequest { id, drain })).await.map_err(|s| c.fail(s))?.into_inner();
+    emit(json_out, json!({ "node": id, "drain": drain, "leader": r.leader }), || {
+        if drain {
+            format!("node {id} is drained: it holds no VIPs and does not stand for leadership; node {} leads", r.leader)
+        } else {
+            format!("node {id} is no longer drained: it may lead and hold VIPs again")
+        }
+    });
+    Ok(())
 }
 
 fn print_vips(json_out: bool, r: &VipListReply) {
