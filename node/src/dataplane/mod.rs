@@ -22,7 +22,9 @@ use raftlb_proto::spec::Mode;
 use raftlb_raft::Cluster;
 use runtime::{BindRewrite, Runtime, RuntimeWatch, Shared};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use workers::Workers;
@@ -32,7 +34,8 @@ pub struct DataPlane {
     workers: Arc<Workers>,
     rewrite: BindRewrite,
     runtime: watch::Sender<Option<Arc<Runtime>>>,
-    listeners: HashMap<SocketAddr, JoinHandle<()>>,
+    /// Per bind address, one accept loop per worker.
+    listeners: HashMap<SocketAddr, Vec<JoinHandle<()>>>,
 }
 
 impl DataPlane {
@@ -77,11 +80,11 @@ impl DataPlane {
 
     fn reconcile_listeners(&mut self) {
         let wanted = self.wanted();
-        self.listeners.retain(|addr, task| {
+        self.listeners.retain(|addr, tasks| {
             let keep = wanted.contains(addr);
             if !keep {
                 // Stops accepting; the connections it accepted run in their own tasks and finish.
-                task.abort();
+                tasks.iter().for_each(JoinHandle::abort);
                 self.shared.listening.lock().expect("listening lock").remove(addr);
                 tracing::info!(%addr, "stopped listening");
             }
@@ -91,11 +94,18 @@ impl DataPlane {
             if self.listeners.contains_key(&addr) {
                 continue;
             }
-            match bind(addr) {
-                Ok(listener) => {
+            // One socket per worker (SO_REUSEPORT, as HAProxy does): the kernel
+            // spreads new connections over them, and each worker accepts and
+            // serves its own without handing sockets between threads.
+            match (0..self.workers.len()).map(|_| bind(addr)).collect::<std::io::Result<Vec<_>>>() {
+                Ok(sockets) => {
                     tracing::info!(%addr, "listening");
-                    let task = accept_loop(listener, addr, self.runtime.subscribe(), self.workers.clone());
-                    self.listeners.insert(addr, tokio::spawn(task));
+                    let tasks = sockets
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, socket)| self.workers.spawn_on(i, accept_loop(socket, addr, self.runtime.subscribe())))
+                        .collect();
+                    self.listeners.insert(addr, tasks);
                     self.shared.listening.lock().expect("listening lock").insert(addr);
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "cannot listen on a frontend address; retrying every second"),
@@ -106,9 +116,11 @@ impl DataPlane {
 
 /// A listening socket that may bind an address the node does not hold yet
 /// (a VIP): IP_FREEBIND, so every node listens before it holds the VIP.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// SO_REUSEPORT: each worker binds its own.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
         socket.set_freebind_v6(true)?;
@@ -119,19 +131,41 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: RuntimeWatch, workers: Arc<Workers>) {
+/// Accepts on one worker's socket and serves each connection on that worker.
+async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime: RuntimeWatch) {
+    // SAFETY: the listener owns its file descriptor, and nothing replaces or
+    // closes it while the AsyncFd owns the listener.
+    let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
+        Ok(listener) => listener,
+        Err(e) => return tracing::error!(%addr, error = %e, "cannot accept on a frontend address"),
+    };
     let mut warned: Option<std::time::Instant> = None;
     loop {
         let Some(rt) = runtime.borrow().clone() else { return };
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { return };
+        // A slot is taken only once a client waits on this worker's own
+        // socket: a worker holding a slot while the waiting client sits on
+        // another worker's socket would keep both waiting.
+        let mut pending = match listener.readable().await {
+            Ok(pending) => pending,
+            Err(e) => return tracing::error!(%addr, error = %e, "cannot accept on a frontend address"),
+        };
         // At maxconn (the node's or the frontend's) no connection is accepted:
         // new clients wait in the kernel's backlog, as with HAProxy.
         let Ok(node_slot) = rt.node_slots.clone().acquire_owned().await else { return };
         let Ok(fe_slot) = fe.slots.clone().acquire_owned().await else { return };
-        let (stream, peer) = match listener.accept().await {
+        let accepted = match pending.try_io(|l| l.get_ref().accept()) {
+            Ok(accepted) => accepted.and_then(|(stream, peer)| {
+                stream.set_nonblocking(true)?;
+                Ok((TcpStream::from_std(stream)?, peer))
+            }),
+            // Nobody waits any more (the client gave up): wait for the next one.
+            Err(_) => continue,
+        };
+        let (stream, peer) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of file descriptors, typically: say so at most once a second.
@@ -146,12 +180,9 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, runtime: RuntimeWa
         // The spec in force now, which may be newer than the one the slots came from.
         let rt = runtime.borrow().clone().unwrap_or(rt);
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { continue };
-        // Handed to a worker as a plain socket: it registers with that worker's reactor.
-        let Ok(stream) = stream.into_std() else { continue };
         let runtime = runtime.clone();
-        workers.spawn(async move {
+        tokio::spawn(async move {
             let _slots = (node_slot, fe_slot);
-            let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return };
             let _ = stream.set_nodelay(true);
             let _session = fe.counters.session();
             match fe.spec.mode {

@@ -2,12 +2,12 @@
 //! runtime; a client connection, the backend connections it uses and its
 //! tunnels all live on one worker, so a request never crosses threads (on a
 //! work-stealing runtime every request woke the other thread, and the
-//! context switches cost more than the proxying). The listener hands each
-//! accepted connection to the next worker in turn.
+//! context switches cost more than the proxying). Each worker accepts on a
+//! listening socket of its own (SO_REUSEPORT), so an accepted connection is
+//! never handed from one thread to another either.
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use tokio::runtime::Handle;
 
@@ -22,7 +22,6 @@ pub fn current() -> usize {
 
 pub struct Workers {
     handles: Vec<Handle>,
-    next: AtomicUsize,
 }
 
 impl Workers {
@@ -37,7 +36,7 @@ impl Workers {
                 runtime.block_on(std::future::pending::<()>());
             })?;
         }
-        Ok(Workers { handles, next: AtomicUsize::new(0) })
+        Ok(Workers { handles })
     }
 
     pub fn len(&self) -> usize {
@@ -59,12 +58,11 @@ impl Workers {
         Ok(())
     }
 
-    /// Runs `task` on the next worker in turn.
-    pub fn spawn<F>(&self, task: F)
+    /// Runs `task` on worker `i` (modulo the number of workers).
+    pub fn spawn_on<F>(&self, i: usize, task: F) -> tokio::task::JoinHandle<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next.fetch_add(1, Relaxed) % self.handles.len();
-        self.handles[i].spawn(task);
+        self.handles[i % self.handles.len()].spawn(task)
     }
 }
