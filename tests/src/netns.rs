@@ -218,6 +218,11 @@ impl Sampler {
         self.samples.lock().unwrap().clone()
     }
 
+    /// The samples taken at or after `at`.
+    pub fn since(&self, at: Instant) -> Vec<Sample> {
+        self.samples.lock().unwrap().iter().filter(|(taken, _)| *taken >= at).cloned().collect()
+    }
+
     /// The holders in the latest sample.
     pub fn holders(&self) -> Vec<u64> {
         self.samples.lock().unwrap().last().map(|(_, h)| h.clone()).unwrap_or_default()

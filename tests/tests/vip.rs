@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
 use raftlb_tests::backend::{http_server, TestServer};
-use raftlb_tests::netns::{in_ns, Prober, Sampler};
+use raftlb_tests::netns::{in_ns, Prober, Sampler, Topology};
 use raftlb_tests::{spec_file, wait_for, Cluster};
 
 const VIP: &str = "192.0.2.100";
@@ -39,6 +39,16 @@ backends:
       - { name: b2, address: \"192.0.2.22:8000\" }
 ";
 
+/// Waits until every probe of the client to `target` over 100 ms is answered.
+fn wait_answered(t: &Topology, target: SocketAddr, limit: Duration) {
+    wait_for(limit, &format!("the client to be answered at {target}"), || {
+        let probe = Prober::start(&t.ns("c"), target);
+        let began = Instant::now();
+        std::thread::sleep(Duration::from_millis(100));
+        (probe.outage_after(began) == Duration::ZERO).then_some(())
+    });
+}
+
 /// A formed cluster in namespaces, serving SPEC through the VIP to two
 /// backends, with the VIP on the leader and the client answered.
 struct Setup {
@@ -63,12 +73,7 @@ fn setup_with(node_config: Option<&str>) -> Setup {
     let sampler = Sampler::start((1..=3).map(|id| (id, t.ns(&format!("n{id}")))).collect(), vip());
     let leader = c.agreed_leader(Duration::from_secs(5));
     wait_for(Duration::from_secs(5), "the leader to hold the VIP", || (sampler.holders() == [leader]).then_some(()));
-    wait_for(Duration::from_secs(5), "the client to be served through the VIP", || {
-        let probe = Prober::start(&t.ns("c"), front());
-        let began = Instant::now();
-        std::thread::sleep(Duration::from_millis(100));
-        (probe.outage_after(began) == Duration::ZERO).then_some(())
-    });
+    wait_answered(t, front(), Duration::from_secs(5));
     Setup { sampler, _backends: backends, c }
 }
 
@@ -222,7 +227,7 @@ fn when_the_holders_link_is_cut_another_node_serves_within_300ms_median_600ms_at
             (s.c.local_status(cut)?["leader"].as_u64()? == next).then_some(())
         });
         std::thread::sleep(Duration::from_millis(300));
-        let since_back: Vec<_> = s.sampler.samples().into_iter().filter(|(at, _)| *at >= back).collect();
+        let since_back = s.sampler.since(back);
         assert!(since_back.iter().all(|(_, h)| h == &vec![next]), "node {next} held the VIP throughout the rejoin: {since_back:?}");
     }
     s.sampler.assert_never_two_holders();
@@ -252,7 +257,7 @@ fn a_follower_cut_off_for_a_second_rejoins_without_raising_the_term_or_moving_th
     for node in 1..=3 {
         assert_eq!(s.c.local_status(node).unwrap()["term"], term, "node {node} is still in term {term}");
     }
-    let samples: Vec<_> = s.sampler.samples().into_iter().filter(|(at, _)| *at >= began).collect();
+    let samples = s.sampler.since(began);
     assert!(samples.iter().all(|(_, h)| h == &vec![holder]), "node {holder} held the VIP throughout");
     let log = s.c.nodes[cut as usize - 1].log();
     assert!(!log.contains("standing for election"), "the cut node never stood");
@@ -277,12 +282,7 @@ fn an_ipv6_vip_is_added_without_dad_and_its_neighbour_advertisement_moves_the_cl
     assert!(addr.contains("nodad"), "added without duplicate address detection: {addr}");
     assert!(!addr.contains("tentative"), "usable at once: {addr}");
     // The client talks to the VIP: its neighbour table gets an entry.
-    wait_for(Duration::from_secs(3), "the client to be answered on the IPv6 VIP", || {
-        let probe = Prober::start(&t.ns("c"), front6);
-        let began = Instant::now();
-        std::thread::sleep(Duration::from_millis(100));
-        (probe.outage_after(began) == Duration::ZERO).then_some(())
-    });
+    wait_answered(t, front6, Duration::from_secs(3));
     assert_eq!(t.client_neighbour("2001:db8::100").as_deref(), Some(t.mac(&format!("n{from}")).as_str()));
 
     let to = if from == 3 { 1 } else { from + 1 };
@@ -378,9 +378,8 @@ fn a_drained_holder_hands_the_vip_over_and_does_not_take_it_back_until_undrained
     s.c.nodes[next as usize - 1].kill();
     wait_for(Duration::from_secs(4), "the third node alone to hold the VIP", || (s.sampler.holders() == [third]).then_some(()));
     std::thread::sleep(Duration::from_millis(500));
-    let samples = s.sampler.samples();
-    let handed = samples.iter().find(|(at, h)| *at >= asked && h == &vec![next]).map(|(at, _)| *at).unwrap();
-    let since_drain: Vec<_> = samples.into_iter().filter(|(at, _)| *at >= handed).collect();
+    let handed = s.sampler.since(asked).into_iter().find(|(_, h)| h == &vec![next]).map(|(at, _)| at).unwrap();
+    let since_drain = s.sampler.since(handed);
     assert!(since_drain.iter().all(|(_, h)| !h.contains(&drained)), "the drained node never held the VIP again");
     assert_eq!(s.sampler.holders(), [third]);
 
@@ -430,7 +429,7 @@ fn freeze_the_holder_for_3s(s: &Setup) -> (u64, u64, Duration, Vec<raftlb_tests:
     std::thread::sleep(Duration::from_secs(3).saturating_sub(stopped.elapsed()));
     kill(pid, Signal::SIGCONT).unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    let samples = s.sampler.samples().into_iter().filter(|(at, _)| *at >= stopped).collect();
+    let samples = s.sampler.since(stopped);
     (frozen, next, took_over, samples)
 }
 

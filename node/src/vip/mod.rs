@@ -181,19 +181,19 @@ impl VipManager {
             self.cleared = version;
             self.remove_stale(&wanted).await;
         }
-        // VIPs the spec no longer has are released whatever else happens.
-        let dropped: Vec<IpNet> = self.held.keys().filter(|v| !wanted.iter().any(|w| w.address.0 == **v)).copied().collect();
-        for vip in dropped {
-            self.release(vip, "the spec no longer has it").await;
-        }
-        // A VIP whose interface the spec changed moves to the new one.
-        let moved: Vec<IpNet> = wanted
+        // VIPs the spec no longer has are released whatever else happens; one
+        // it names another interface for is released to be added there.
+        let stale: Vec<(IpNet, &str)> = self
+            .held
             .iter()
-            .filter(|w| self.held.get(&w.address.0).is_some_and(|h| h.wanted_interface != w.interface))
-            .map(|w| w.address.0)
+            .filter_map(|(vip, held)| match wanted.iter().find(|w| w.address.0 == *vip) {
+                None => Some((*vip, "the spec no longer has it")),
+                Some(w) if w.interface != held.wanted_interface => Some((*vip, "the spec names another interface for it")),
+                Some(_) => None,
+            })
             .collect();
-        for vip in moved {
-            self.release(vip, "the spec names another interface for it").await;
+        for (vip, why) in stale {
+            self.release(vip, why).await;
         }
         let reconnects = self.cluster.peer_reconnects();
         if reconnects != self.reconnects {
