@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use raftlb_proto::spec::{Backend, Frontend, Server, Spec, Timeouts};
 use raftlb_raft::AdminState;
+use smallvec::SmallVec;
 use tokio::sync::{Notify, Semaphore};
 
 use super::http::Pool;
@@ -281,34 +282,32 @@ impl BackendRt {
     }
 
     fn try_pick(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize]) -> Pick {
-        let up: Vec<usize> = (0..self.servers.len()).filter(|i| !exclude.contains(i) && self.servers[*i].state.serves()).collect();
+        let up = |i: &usize| !exclude.contains(i) && self.servers[*i].state.serves();
         // Backup servers serve only while no other server is up.
-        let primaries = up.iter().any(|i| !self.servers[*i].spec.backup);
-        let pool: Vec<usize> = up.into_iter().filter(|i| self.servers[*i].spec.backup != primaries).collect();
+        let primaries = (0..self.servers.len()).filter(up).any(|i| !self.servers[i].spec.backup);
+        let pool = || (0..self.servers.len()).filter(up).filter(|i| self.servers[*i].spec.backup != primaries);
         // A persistent client may stay on a drained server (weight 0, or drained by the operator).
         if let Some(name) = prefer {
-            if let Some(i) = pool.iter().copied().find(|i| self.servers[*i].spec.name == name) {
+            if let Some(i) = pool().find(|i| self.servers[*i].spec.name == name) {
                 if let Some(lease) = self.reserve(i) {
                     return Pick::Leased(i, lease);
                 }
             }
         }
-        let open: Vec<usize> = pool
-            .iter()
-            .copied()
+        let mut open = false;
+        // On the stack: a pick for every request must not allocate.
+        let candidates: SmallVec<[Candidate; 8]> = pool()
             .filter(|i| self.servers[*i].spec.weight > 0 && self.servers[*i].state.admin() == AdminState::Ready)
-            .collect();
-        if open.is_empty() {
-            return Pick::NoneUp;
-        }
-        let candidates: Vec<Candidate> = open
-            .iter()
-            .filter(|i| self.has_slot(**i))
+            .inspect(|_| open = true)
+            .filter(|i| self.has_slot(*i))
             .map(|i| {
-                let s = &self.servers[*i];
-                Candidate { index: *i, name: &s.spec.name, weight: s.spec.weight, active: s.state.active.load(Relaxed) }
+                let s = &self.servers[i];
+                Candidate { index: i, name: &s.spec.name, weight: s.spec.weight, active: s.state.active.load(Relaxed) }
             })
             .collect();
+        if !open {
+            return Pick::NoneUp;
+        }
         let Some(i) = self.balancer.pick(&candidates, src) else {
             return Pick::Full;
         };
