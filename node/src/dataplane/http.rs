@@ -20,9 +20,10 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use raftlb_proto::spec::{CookieMode, HttpReuse};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -86,40 +87,59 @@ struct Client {
     /// The spec in force as this connection last saw it, with the receiver
     /// that tells when a newer one arrived. Checking for a change only reads;
     /// taking the watch's lock on every request made both workers fight over it.
-    runtime: Mutex<(RuntimeWatch, Option<Arc<Runtime>>)>,
+    runtime: Mutex<Spec>,
     local: SocketAddr,
     peer: SocketAddr,
     /// Requests answered on this connection so far (`http_reuse: safe` keeps the first on its own connection).
     served: AtomicU64,
+    conn: Arc<ConnState>,
+}
+
+/// What the connection's socket and its requests both see.
+#[derive(Default)]
+struct ConnState {
+    /// Bytes read since the last response was written: a request head is on its way.
+    read_since_write: AtomicU64,
     /// Requests whose response (or tunnel) is not finished yet.
-    in_flight: Arc<AtomicU64>,
+    in_flight: AtomicU64,
+    /// A request head did not arrive whole within `timeouts.http_request`.
+    head_timed_out: AtomicBool,
+}
+
+/// A client connection's view of the spec in force: the version, and the
+/// frontend its address belongs to there.
+struct Spec {
+    receiver: RuntimeWatch,
+    runtime: Option<Arc<Runtime>>,
+    frontend: Option<Arc<FrontendRt>>,
 }
 
 impl Client {
-    /// The spec in force now.
-    fn current(&self) -> Option<Arc<Runtime>> {
+    /// The spec in force now, and this connection's frontend in it.
+    fn current(&self) -> Option<(Arc<Runtime>, Arc<FrontendRt>)> {
         let mut guard = self.runtime.lock().expect("runtime cache lock");
-        let (receiver, cached) = &mut *guard;
-        if receiver.has_changed().unwrap_or(false) {
-            *cached = receiver.borrow_and_update().clone();
+        let spec = &mut *guard;
+        if spec.receiver.has_changed().unwrap_or(false) {
+            spec.runtime = spec.receiver.borrow_and_update().clone();
+            spec.frontend = spec.runtime.as_ref().and_then(|rt| rt.by_bind.get(&self.local).cloned());
         }
-        cached.clone()
+        Some((spec.runtime.clone()?, spec.frontend.clone()?))
     }
 }
 
 /// Counts a request as in flight until dropped.
-struct InFlight(Arc<AtomicU64>);
+struct InFlight(Arc<ConnState>);
 
 impl InFlight {
-    fn new(counter: &Arc<AtomicU64>) -> Self {
-        counter.fetch_add(1, Relaxed);
-        InFlight(counter.clone())
+    fn new(conn: &Arc<ConnState>) -> Self {
+        conn.in_flight.fetch_add(1, Relaxed);
+        InFlight(conn.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
     }
 }
 
@@ -128,30 +148,31 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
     let Some(rt) = runtime.borrow().clone() else { return };
     let (head_timeout, idle_timeout, client_timeout) =
         (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get(), rt.timeouts.client.get());
-    // The socket is shared with the connection's I/O: hyper gives up the
-    // connection when a request head times out, and HAProxy's answer to that
-    // is a 408, written here on the same socket.
-    let stream = Arc::new(stream);
-    let read_since_write = Arc::new(AtomicU64::new(0));
-    let in_flight = Arc::new(AtomicU64::new(0));
+    // The connection's I/O ends it when a request head times out, and
+    // HAProxy's answer to that is a 408: the socket comes back here when
+    // hyper drops it, to write that answer.
+    let returned = Arc::new(Mutex::new(None));
+    let conn = Arc::new(ConnState::default());
     let io = ClientIo {
-        inner: stream.clone(),
+        inner: Some(stream),
+        returned: returned.clone(),
+        head: head_timeout,
         idle: idle_timeout,
-        last_write: None,
-        idle_timer: IdleTimer::new(idle_timeout),
+        waiting_since: tokio::time::Instant::now(),
+        head_started: tokio::time::Instant::now(),
+        kept_alive: false,
+        wait: IdleTimer::new(head_timeout),
         write_blocked: IdleTimer::new(client_timeout),
-        read_since_write: read_since_write.clone(),
-        in_flight: in_flight.clone(),
+        conn: conn.clone(),
         counters: fe.counters.clone(),
     };
-    let client = Arc::new(Client { runtime: Mutex::new((runtime, Some(rt))), local, peer, served: AtomicU64::new(0), in_flight });
+    let spec = Spec { receiver: runtime, frontend: rt.by_bind.get(&local).cloned(), runtime: Some(rt) };
+    let client = Arc::new(Client { runtime: Mutex::new(spec), local, peer, served: AtomicU64::new(0), conn: conn.clone() });
     let service = hyper::service::service_fn(move |req| {
         let client = client.clone();
         async move { Ok::<_, Infallible>(handle(&client, req).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(head_timeout)
         .max_header_size(MAX_HEAD)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service)
@@ -159,34 +180,23 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         .await;
     match result {
         // A head that started but did not finish in time: answer 408, as HAProxy does.
-        Err(e) if e.is_timeout() && read_since_write.load(Relaxed) > 0 => {
+        Err(_) if conn.head_timed_out.load(Relaxed) => {
             Counters::add(&fe.counters.errors, 1);
             fe.counters.response(408);
             let reply = canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
-            // Bounded: a client that reads nothing does not keep the connection.
-            let _ = tokio::time::timeout(client_timeout, write_all(&stream, &reply)).await;
-            let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Write);
+            let stream = returned.lock().expect("returned socket lock").take();
+            if let Some(mut stream) = stream {
+                // Bounded: a client that reads nothing does not keep the connection.
+                let _ = tokio::time::timeout(client_timeout, stream.write_all(&reply)).await;
+                let _ = stream.shutdown().await;
+            }
         }
-        // An idle keep-alive connection that timed out is closed without a word.
-        Err(e) if e.is_timeout() => {}
         Err(e) => {
             Counters::add(&fe.counters.errors, 1);
             tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
         }
         Ok(()) => {}
     }
-}
-
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// The page of an error answer, as HAProxy words them.
@@ -218,12 +228,9 @@ fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
 
 async fn handle(client: &Client, req: Request<Incoming>) -> Response<ProxyBody> {
     let first = client.served.fetch_add(1, Relaxed) == 0;
-    let in_flight = InFlight::new(&client.in_flight);
+    let in_flight = InFlight::new(&client.conn);
     // Each request is served with the spec in force when it arrives.
-    let Some(rt) = client.current() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER);
-    };
-    let Some(fe) = rt.by_bind.get(&client.local).cloned() else {
+    let Some((rt, fe)) = client.current() else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER);
     };
     let response = route_and_forward(&rt, &fe, client, req, first, in_flight).await;
@@ -425,20 +432,29 @@ fn gateway_timeout(fe: &FrontendRt, be: &BackendRt, lease: &Lease) -> Response<P
     error_response(StatusCode::GATEWAY_TIMEOUT, "The server didn't respond in time.")
 }
 
-/// A new HTTP/1.1 connection to a server.
-async fn handshake(addr: SocketAddr, source: Option<IpAddr>, limit: Duration, upgrades: bool) -> std::io::Result<Upstream> {
-    let stream = dial(addr, source, limit).await?;
-    let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
-    if upgrades {
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-    } else {
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    Ok(sender)
+/// A new HTTP/1.1 connection to a server. Boxed: it is the rare path, and
+/// inline its future would make every request's future larger to move.
+fn handshake(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    limit: Duration,
+    upgrades: bool,
+) -> Pin<Box<impl Future<Output = std::io::Result<Upstream>>>> {
+    Box::pin(async move {
+        let stream = dial(addr, source, limit).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
+        if upgrades {
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+        } else {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        Ok(sender)
+    })
 }
 
 fn wants_upgrade(headers: &HeaderMap) -> bool {
@@ -449,28 +465,51 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The headers that belong to one hop (RFC 9110 7.6.1), besides those the
+/// Connection header names.
+static HOP_BY_HOP: [HeaderName; 7] =
+    [header::CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE];
+
 /// Removes the headers that belong to one hop, and those the Connection
 /// header names. An upgrade keeps Connection and Upgrade: the server must see them.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One look at each name finds the hop-by-hop headers there: most
+    // messages carry none, or only Connection, and a lookup per name costs more.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
     }
-    for name in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"] {
-        headers.remove(name);
+    if present == 0 && !upgrade {
+        return;
+    }
+    let kept = |name: &HeaderName| upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+    if headers.contains_key(header::CONNECTION) {
+        let named: SmallVec<[HeaderName; 4]> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // The usual tokens name no header beyond the fixed list.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !kept(n))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 && !kept(name) {
+            headers.remove(name);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -592,96 +631,102 @@ impl Body for ResponseBody {
     }
 }
 
-/// The client's socket, watched for two timeouts hyper leaves to us: an idle
-/// keep-alive connection ends after `http_keep_alive` (as an end of stream,
-/// which hyper closes quietly), and the bytes read since the last response
-/// tell a half-sent request head (408) from an idle connection.
+/// The client's socket, with the timeouts of the wait for a request: a
+/// request head must arrive whole within `http_request` of its first byte
+/// (else the read fails and the connection is answered 408), and a
+/// connection waiting for a request ends after `http_request` when new,
+/// `http_keep_alive` (at most `http_request`) once it has served one, as an
+/// end of stream, which hyper closes quietly. hyper's own head timer would
+/// cost a timer per request; this one timer is reused.
 struct ClientIo {
-    inner: Arc<TcpStream>,
+    /// Always `Some` until dropped.
+    inner: Option<TcpStream>,
+    /// Where the socket goes when hyper drops it.
+    returned: Arc<Mutex<Option<TcpStream>>>,
+    head: Duration,
     idle: Duration,
-    /// When a response was last written; the idle keep-alive time runs from it.
-    last_write: Option<tokio::time::Instant>,
-    idle_timer: IdleTimer,
+    /// When the wait for the next request began: the connection's start or the last write.
+    waiting_since: tokio::time::Instant,
+    /// When the first byte read since the last write arrived: the start of a request head.
+    head_started: tokio::time::Instant,
+    /// A response was written: the connection waits as a kept-alive one.
+    kept_alive: bool,
+    /// The one timer of the wait, for the head or for the idle connection.
+    wait: IdleTimer,
     /// A client that stops reading blocks our writes: `timeouts.client` ends it.
     write_blocked: IdleTimer,
-    read_since_write: Arc<AtomicU64>,
-    in_flight: Arc<AtomicU64>,
+    conn: Arc<ConnState>,
     counters: Arc<Counters>,
 }
 
-impl AsyncRead for ClientIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        loop {
-            match self.inner.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return self.idle_end(cx),
-            }
-            match self.inner.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    if n > 0 {
-                        self.read_since_write.fetch_add(n as u64, Relaxed);
-                        Counters::add(&self.counters.bytes_in, n as u64);
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                // The readiness was stale; it is cleared, poll again.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
 impl ClientIo {
-    /// Nothing to read: an idle keep-alive connection (no request in flight,
-    /// nothing read since the last response) ends after `http_keep_alive`,
-    /// as an end of stream, which hyper closes quietly.
-    fn idle_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if let Some(last) = self.last_write {
-            if self.read_since_write.load(Relaxed) == 0 && self.in_flight.load(Relaxed) == 0 {
-                let deadline = last + self.idle;
-                if self.idle_timer.poll_until(deadline, cx).is_ready() {
-                    return Poll::Ready(Ok(()));
-                }
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.inner.as_mut().expect("the socket is there until the I/O is dropped"))
+    }
+
+    /// Nothing to read. While no request is in flight, the wait for one is limited.
+    fn wait_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.conn.in_flight.load(Relaxed) > 0 {
+            return Poll::Pending;
+        }
+        if self.conn.read_since_write.load(Relaxed) > 0 {
+            if self.wait.poll_until(self.head_started + self.head, cx).is_ready() {
+                self.conn.head_timed_out.store(true, Relaxed);
+                let limit = self.head;
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the request head did not arrive within {limit:?}"),
+                )));
             }
+            return Poll::Pending;
+        }
+        let limit = if self.kept_alive { self.idle.min(self.head) } else { self.head };
+        if self.wait.poll_until(self.waiting_since + limit, cx).is_ready() {
+            return Poll::Ready(Ok(()));
         }
         Poll::Pending
     }
 }
 
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.returned.lock() {
+            *slot = self.inner.take();
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        // tokio's own read: a short read tells the socket is drained, which
+        // saves a read that would only find nothing.
+        let before = buf.filled().len();
+        match self.stream().poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = (buf.filled().len() - before) as u64;
+                if n > 0 {
+                    if self.conn.read_since_write.fetch_add(n, Relaxed) == 0 {
+                        self.head_started = tokio::time::Instant::now();
+                    }
+                    Counters::add(&self.counters.bytes_in, n);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.wait_end(cx),
+        }
+    }
+}
+
 impl AsyncWrite for ClientIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        loop {
-            match self.inner.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    if self.write_blocked.poll_quiet(cx).is_ready() {
-                        let limit = self.write_blocked.limit;
-                        return Poll::Ready(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("the client read nothing for {limit:?}"),
-                        )));
-                    }
-                    return Poll::Pending;
-                }
-            }
-            match self.inner.try_write(data) {
-                Ok(n) => {
-                    self.write_blocked.activity();
-                    if n > 0 {
-                        self.read_since_write.store(0, Relaxed);
-                        Counters::add(&self.counters.bytes_out, n as u64);
-                        self.last_write = Some(tokio::time::Instant::now());
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let written = match self.stream().poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return self.write_pending(cx),
+        };
+        self.wrote(written, cx);
+        Poll::Ready(Ok(written))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -689,8 +734,33 @@ impl AsyncWrite for ClientIo {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(socket2::SockRef::from(&*self.inner).shutdown(std::net::Shutdown::Write))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
+
+impl ClientIo {
+    /// `n` bytes of a response went out: the wait for the next request
+    /// begins. Its timer is set here, as hyper does not read again before
+    /// the next wake-up: the timer is that wake-up once it goes off.
+    fn wrote(&mut self, n: usize, cx: &mut Context<'_>) {
+        self.write_blocked.activity();
+        if n > 0 {
+            self.conn.read_since_write.store(0, Relaxed);
+            Counters::add(&self.counters.bytes_out, n as u64);
+            self.waiting_since = tokio::time::Instant::now();
+            self.kept_alive = true;
+            let _ = self.wait.poll_until(self.waiting_since + self.idle.min(self.head), cx);
+        }
+    }
+
+    /// The client is not reading: after `timeouts.client` of that, the write fails.
+    fn write_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.write_blocked.poll_quiet(cx).is_ready() {
+            let limit = self.write_blocked.limit;
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the client read nothing for {limit:?}"))));
+        }
+        Poll::Pending
     }
 }
 
@@ -765,12 +835,20 @@ impl IdleTimer {
         self.poll_until(deadline, cx)
     }
 
-    /// Ready once `deadline` passed.
+    /// Ready once `deadline` passed. A timer set for an earlier deadline
+    /// stays set, and is set again when it goes off early: moving a timer
+    /// on every request costs more than one early wake-up per idle period.
     fn poll_until(&mut self, deadline: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
         let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() != deadline {
+        if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
         }
-        sleep.as_mut().poll(cx)
+        loop {
+            std::task::ready!(sleep.as_mut().poll(cx));
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(deadline);
+        }
     }
 }
