@@ -26,8 +26,9 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-cargo build --profile ci --bins --quiet
-LBNODE=${LBNODE:-target/ci/lbnode}
+# The release profile, as nodes run in production (a few minutes to build).
+cargo build --release --bins --quiet
+LBNODE=${LBNODE:-target/release/lbnode}
 
 work=$(mktemp -d /tmp/raftlb-bench.XXXXXX)
 pids=()
@@ -84,7 +85,7 @@ pids+=($!)
 
 RUST_LOG=warn "$LBNODE" --threads "$THREADS" --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
 pids+=($!)
-lbctl() { target/ci/lbctl --endpoint 127.0.0.1:28200 "$@"; }
+lbctl() { target/release/lbctl --endpoint 127.0.0.1:28200 "$@"; }
 for _ in $(seq 50); do lbctl cluster status >/dev/null 2>&1 && break; sleep 0.1; done
 lbctl cluster init >/dev/null
 cat > "$work/spec.yaml" <<SPEC
