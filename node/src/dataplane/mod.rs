@@ -103,7 +103,9 @@ impl DataPlane {
                     let tasks = sockets
                         .into_iter()
                         .enumerate()
-                        .map(|(i, socket)| self.workers.spawn_on(i, accept_loop(socket, addr, self.runtime.subscribe())))
+                        .map(|(i, socket)| {
+                            self.workers.spawn_on(i, accept_loop(socket, addr, self.runtime.subscribe(), self.workers.clone(), i))
+                        })
                         .collect();
                     self.listeners.insert(addr, tasks);
                     self.shared.listening.lock().expect("listening lock").insert(addr);
@@ -134,8 +136,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Accepts on one worker's socket and serves each connection on that worker.
-async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime: RuntimeWatch) {
+/// Accepts on worker `me`'s socket and serves each connection there, or on
+/// a worker that serves clearly fewer.
+async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime: RuntimeWatch, workers: Arc<Workers>, me: usize) {
     // SAFETY: the listener owns its file descriptor, and nothing replaces or
     // closes it while the AsyncFd owns the listener.
     let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
@@ -160,7 +163,7 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         let accepted = match pending.try_io(|l| l.get_ref().accept()) {
             Ok(accepted) => accepted.and_then(|(stream, peer)| {
                 stream.set_nonblocking(true)?;
-                Ok((TcpStream::from_std(stream)?, peer))
+                Ok((stream, peer))
             }),
             // Nobody waits any more (the client gave up): wait for the next one.
             Err(_) => continue,
@@ -181,15 +184,27 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         let rt = runtime.borrow().clone().unwrap_or(rt);
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { continue };
         let runtime = runtime.clone();
-        tokio::spawn(async move {
-            let _slots = (node_slot, fe_slot);
+        let placed = workers.place(me);
+        let worker = placed.worker;
+        let serve = async move {
+            let _slots = (node_slot, fe_slot, placed);
+            // Registered with the reactor of the worker that serves it.
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => return tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
+            };
             let _ = stream.set_nodelay(true);
             let _session = fe.counters.session();
             match fe.spec.mode {
                 Mode::Tcp => tcp::serve(rt, fe.clone(), stream, peer, addr).await,
                 Mode::Http => http::serve(runtime, fe.clone(), stream, peer, addr).await,
             }
-        });
+        };
+        if worker == me {
+            tokio::spawn(serve);
+        } else {
+            workers.spawn_on(worker, serve);
+        }
     }
 }
 

@@ -3,11 +3,16 @@
 //! tunnels all live on one worker, so a request never crosses threads (on a
 //! work-stealing runtime every request woke the other thread, and the
 //! context switches cost more than the proxying). Each worker accepts on a
-//! listening socket of its own (SO_REUSEPORT), so an accepted connection is
-//! never handed from one thread to another either.
+//! listening socket of its own (SO_REUSEPORT), and serves what it accepts
+//! unless another worker serves clearly fewer connections: the kernel's
+//! hash spreads a few long-lived connections unevenly (36 and 28 of 64 is
+//! usual), and HAProxy's listeners likewise pass a connection to a less
+//! loaded thread.
 
 use std::cell::Cell;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
 use tokio::runtime::Handle;
 
@@ -22,6 +27,20 @@ pub fn current() -> usize {
 
 pub struct Workers {
     handles: Vec<Handle>,
+    /// Client connections each worker serves now.
+    load: Box<[AtomicUsize]>,
+}
+
+/// A client connection counted on its worker until dropped.
+pub struct Placed {
+    workers: Arc<Workers>,
+    pub worker: usize,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.workers.load[self.worker].fetch_sub(1, Relaxed);
+    }
 }
 
 impl Workers {
@@ -36,7 +55,21 @@ impl Workers {
                 runtime.block_on(std::future::pending::<()>());
             })?;
         }
-        Ok(Workers { handles })
+        let load = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+        Ok(Workers { handles, load })
+    }
+
+    /// The worker to serve a connection accepted on worker `accepted`: that
+    /// one, unless another serves clearly fewer connections (more than one
+    /// and an eighth fewer: a hand-off wakes the other thread, so a small
+    /// difference is left as it is).
+    pub fn place(self: &Arc<Self>, accepted: usize) -> Placed {
+        let accepted = accepted % self.load.len();
+        let mine = self.load[accepted].load(Relaxed);
+        let (least, fewest) = self.load.iter().map(|l| l.load(Relaxed)).enumerate().min_by_key(|(_, n)| *n).unwrap_or((accepted, mine));
+        let worker = if mine > fewest + 1 + fewest / 8 { least } else { accepted };
+        self.load[worker].fetch_add(1, Relaxed);
+        Placed { workers: self.clone(), worker }
     }
 
     pub fn len(&self) -> usize {
