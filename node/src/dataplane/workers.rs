@@ -99,3 +99,28 @@ impl Workers {
         self.handles[i % self.handles.len()].spawn(task)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_goes_to_a_worker_that_serves_clearly_fewer() {
+        let workers = Arc::new(Workers::start(2).unwrap());
+        // Balanced: each worker keeps what it accepts.
+        let first = workers.place(0);
+        let second = workers.place(1);
+        assert_eq!((first.worker, second.worker), (0, 1));
+        // Two more on worker 0 stay there (3 against 1); the next it accepts
+        // goes to worker 1.
+        let more: Vec<Placed> = (0..2).map(|_| workers.place(0)).collect();
+        assert_eq!(more.iter().map(|p| p.worker).collect::<Vec<_>>(), vec![0, 0]);
+        assert_eq!(workers.place(0).worker, 1, "3 against 1 is clearly more");
+        // A difference of one is left as it is.
+        let kept = workers.place(1);
+        assert_eq!(kept.worker, 1);
+        // Connections that end are no longer counted.
+        drop(more);
+        assert_eq!(workers.load.iter().map(|l| l.load(Relaxed)).collect::<Vec<_>>(), vec![1, 2]);
+    }
+}
