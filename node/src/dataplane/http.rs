@@ -104,6 +104,8 @@ struct ConnState {
     in_flight: AtomicU64,
     /// A request head did not arrive whole within `timeouts.http_request`.
     head_timed_out: AtomicBool,
+    /// The client asked to close the connection after this response.
+    closing: AtomicBool,
 }
 
 /// A client connection's view of the spec in force: the version, and the
@@ -161,6 +163,7 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         waiting_since: tokio::time::Instant::now(),
         head_started: tokio::time::Instant::now(),
         kept_alive: false,
+        fresh: true,
         wait: IdleTimer::new(head_timeout),
         write_blocked: IdleTimer::new(client_timeout),
         conn: conn.clone(),
@@ -228,6 +231,10 @@ fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
 
 async fn handle(client: &Client, req: Request<Incoming>) -> Response<ProxyBody> {
     let first = client.served.fetch_add(1, Relaxed) == 0;
+    if asks_to_close(&req) {
+        // hyper closes the connection after this response: no wait for another.
+        client.conn.closing.store(true, Relaxed);
+    }
     let in_flight = InFlight::new(&client.conn);
     // Each request is served with the spec in force when it arrives.
     let Some((rt, fe)) = client.current() else {
@@ -457,6 +464,19 @@ fn handshake(
     })
 }
 
+/// Whether the client's connection ends with this request's response
+/// (`Connection: close`, or HTTP/1.0 without keep-alive), as hyper decides.
+fn asks_to_close(req: &Request<Incoming>) -> bool {
+    let token = |want: &str| {
+        req.headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
+    };
+    token("close") || (req.version() == hyper::Version::HTTP_10 && !token("keep-alive"))
+}
+
 fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers
@@ -651,6 +671,8 @@ struct ClientIo {
     head_started: tokio::time::Instant,
     /// A response was written: the connection waits as a kept-alive one.
     kept_alive: bool,
+    /// Nothing was read yet.
+    fresh: bool,
     /// The one timer of the wait, for the head or for the idle connection.
     wait: IdleTimer,
     /// A client that stops reading blocks our writes: `timeouts.client` ends it.
@@ -701,7 +723,11 @@ impl AsyncRead for ClientIo {
         // tokio's own read: a short read tells the socket is drained, which
         // saves a read that would only find nothing.
         let before = buf.filled().len();
-        match self.stream().poll_read(cx, buf) {
+        let read = match self.first_read(buf) {
+            Some(read) => Poll::Ready(read),
+            None => self.stream().poll_read(cx, buf),
+        };
+        match read {
             Poll::Ready(Ok(())) => {
                 let n = (buf.filled().len() - before) as u64;
                 if n > 0 {
@@ -714,6 +740,30 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => self.wait_end(cx),
+        }
+    }
+}
+
+impl ClientIo {
+    /// The first read of a new connection goes straight to the socket: the
+    /// request is usually there already (clients send it right after the
+    /// connect), and tokio would first wait for the reactor to say so, at
+    /// the cost of a timer, a wake-up and a pass through the reactor.
+    fn first_read(&mut self, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
+        if !std::mem::take(&mut self.fresh) {
+            return None;
+        }
+        let stream = self.inner.as_ref()?;
+        // SAFETY: recv only writes bytes, and only the `n` it wrote are marked filled.
+        match socket2::SockRef::from(stream).recv(unsafe { buf.unfilled_mut() }) {
+            Ok(n) => {
+                // SAFETY: recv initialised the first `n` bytes of the unfilled part.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                Some(Ok(()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(Err(e)),
         }
     }
 }
@@ -750,7 +800,9 @@ impl ClientIo {
             Counters::add(&self.counters.bytes_out, n as u64);
             self.waiting_since = tokio::time::Instant::now();
             self.kept_alive = true;
-            let _ = self.wait.poll_until(self.waiting_since + self.idle.min(self.head), cx);
+            if !self.conn.closing.load(Relaxed) {
+                let _ = self.wait.poll_until(self.waiting_since + self.idle.min(self.head), cx);
+            }
         }
     }
 

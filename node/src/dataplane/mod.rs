@@ -136,6 +136,13 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// A waiting connection, non-blocking from the start (one system call, not two).
+fn accept(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (socket, peer) = socket2::SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = peer.as_socket().ok_or_else(|| std::io::Error::other("accepted a connection without an IP address"))?;
+    Ok((socket.into(), peer))
+}
+
 /// Accepts on worker `me`'s socket and serves each connection there, or on
 /// a worker that serves clearly fewer.
 async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime: RuntimeWatch, workers: Arc<Workers>, me: usize) {
@@ -160,11 +167,8 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         // new clients wait in the kernel's backlog, as with HAProxy.
         let Ok(node_slot) = rt.node_slots.clone().acquire_owned().await else { return };
         let Ok(fe_slot) = fe.slots.clone().acquire_owned().await else { return };
-        let accepted = match pending.try_io(|l| l.get_ref().accept()) {
-            Ok(accepted) => accepted.and_then(|(stream, peer)| {
-                stream.set_nonblocking(true)?;
-                Ok((stream, peer))
-            }),
+        let accepted = match pending.try_io(|l| accept(l.get_ref())) {
+            Ok(accepted) => accepted,
             // Nobody waits any more (the client gave up): wait for the next one.
             Err(_) => continue,
         };
@@ -189,11 +193,11 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         let serve = async move {
             let _slots = (node_slot, fe_slot, placed);
             // Registered with the reactor of the worker that serves it.
+            // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
             let stream = match TcpStream::from_std(stream) {
                 Ok(stream) => stream,
                 Err(e) => return tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
             };
-            let _ = stream.set_nodelay(true);
             let _session = fe.counters.session();
             match fe.spec.mode {
                 Mode::Tcp => tcp::serve(rt, fe.clone(), stream, peer, addr).await,
