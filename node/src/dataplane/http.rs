@@ -93,6 +93,8 @@ struct Client {
     /// Requests answered on this connection so far (`http_reuse: safe` keeps the first on its own connection).
     served: AtomicU64,
     conn: Arc<ConnState>,
+    /// The wait for a server's response head, for one request at a time.
+    server_wait: Mutex<IdleTimer>,
 }
 
 /// What the connection's socket and its requests both see.
@@ -116,7 +118,27 @@ struct Spec {
     frontend: Option<Arc<FrontendRt>>,
 }
 
+/// A wait that went on past its limit.
+struct TimedOut;
+
 impl Client {
+    /// `fut`, given up after `limit`. A connection's requests come one at a
+    /// time and share one timer, left at an earlier deadline rather than
+    /// moved (see [`IdleTimer::poll_until`]): no timer is set and cleared
+    /// for each request.
+    async fn within<F: Future>(&self, limit: Duration, fut: F) -> Result<F::Output, TimedOut> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            let mut timer = self.server_wait.lock().expect("server wait lock");
+            timer.poll_until(deadline, cx).map(|()| Err(TimedOut))
+        })
+        .await
+    }
+
     /// The spec in force now, and this connection's frontend in it.
     fn current(&self) -> Option<(Arc<Runtime>, Arc<FrontendRt>)> {
         let mut guard = self.runtime.lock().expect("runtime cache lock");
@@ -150,6 +172,7 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
     let Some(rt) = runtime.borrow().clone() else { return };
     let (head_timeout, idle_timeout, client_timeout) =
         (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get(), rt.timeouts.client.get());
+    let server_timeout = rt.timeouts.server.get();
     // The connection's I/O ends it when a request head times out, and
     // HAProxy's answer to that is a 408: the socket comes back here when
     // hyper drops it, to write that answer.
@@ -170,7 +193,14 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         counters: fe.counters.clone(),
     };
     let spec = Spec { receiver: runtime, frontend: rt.by_bind.get(&local).cloned(), runtime: Some(rt) };
-    let client = Arc::new(Client { runtime: Mutex::new(spec), local, peer, served: AtomicU64::new(0), conn: conn.clone() });
+    let client = Arc::new(Client {
+        runtime: Mutex::new(spec),
+        local,
+        peer,
+        served: AtomicU64::new(0),
+        conn: conn.clone(),
+        server_wait: Mutex::new(IdleTimer::new(server_timeout)),
+    });
     let service = hyper::service::service_fn(move |req| {
         let client = client.clone();
         async move { Ok::<_, Infallible>(handle(&client, req).await) }
@@ -356,12 +386,12 @@ async fn route_and_forward(
     });
 
     let server_timeout = rt.timeouts.server.get();
-    let mut response = match tokio::time::timeout(server_timeout, sender.try_send_request(req)).await {
+    let mut response = match client.within(server_timeout, sender.try_send_request(req)).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(mut e)) => match e.take_message() {
             // A pooled connection the server had closed: the request was not sent, so a fresh connection may carry it.
             Some(req) => match handshake(lease.state.addr, source, connect_timeout, upgrade).await {
-                Ok(mut fresh) => match tokio::time::timeout(server_timeout, fresh.send_request(req)).await {
+                Ok(mut fresh) => match client.within(server_timeout, fresh.send_request(req)).await {
                     Ok(Ok(resp)) => {
                         sender = fresh;
                         resp
@@ -488,7 +518,7 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 /// The headers that belong to one hop (RFC 9110 7.6.1), besides those the
-/// Connection header names.
+/// Connection header names; `strip_hop_by_hop` numbers them in this order.
 static HOP_BY_HOP: [HeaderName; 7] =
     [header::CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE];
 
@@ -499,18 +529,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // messages carry none, or only Connection, and a lookup per name costs more.
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        }
+        // Names are lower case; a match on the string compares lengths first.
+        let i = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "te" => 3,
+            "trailer" => 4,
+            "transfer-encoding" => 5,
+            "upgrade" => 6,
+            _ => continue,
+        };
+        present |= 1 << i;
     }
     if present == 0 && !upgrade {
         return;
     }
     let kept = |name: &HeaderName| upgrade && (name == header::CONNECTION || name == header::UPGRADE);
-    if headers.contains_key(header::CONNECTION) {
+    if present & 1 != 0 {
         let named: SmallVec<[HeaderName; 4]> = headers
             .get_all(header::CONNECTION)
             .iter()
+            // The usual value, one token that names no header beyond the fixed list.
+            .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive") && !v.as_bytes().eq_ignore_ascii_case(b"close"))
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
