@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Instructions per HTTP request, lbnode against HAProxy, counted by callgrind:
+# unlike requests per second on a shared machine, the count barely moves from
+# one run to the next, so it tells whether a change made the proxy's own work
+# per request smaller. User space only: system calls are counted as one
+# instruction each, whatever the kernel does for them.
+#
+#   scripts/bench-instructions.sh              # keep-alive, 8 s of load
+#   MODE=close DURATION=8s scripts/bench-instructions.sh
+#
+# Each proxy runs under valgrind with 2 threads in front of one nginx; wrk
+# warms it up, the counters are zeroed, wrk runs DURATION with 8 connections
+# (one thread), and the count since the zeroing is divided by the requests
+# served. Run by hand, as root on Debian (installs valgrind, haproxy,
+# nginx-light and wrk if they are missing). LBNODE=path measures another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=${MODE:-keepalive}
+DURATION=${DURATION:-8s}
+
+missing=()
+for p in valgrind haproxy nginx-light wrk; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+cargo build --release --bins --quiet
+LBNODE=${LBNODE:-target/release/lbnode}
+
+work=$(mktemp -d /tmp/raftlb-instr.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+backend=127.0.0.1:28080
+cat >"$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx.err;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  server { listen $backend; location / { return 200 "hello from nginx\n"; } }
+}
+CONF
+nginx -p "$work" -c "$work/nginx.conf" &
+pids+=($!)
+
+cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 8000
+defaults
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend http
+  mode http
+  bind 127.0.0.1:28101
+  option http-keep-alive
+  default_backend http
+backend http
+  mode http
+  http-reuse always
+  server s1 $backend
+CONF
+cat >"$work/spec.yaml" <<SPEC
+defaults:
+  maxconn: 8000
+frontends:
+  - { name: http, bind: ["127.0.0.1:28201"], mode: http, default_backend: http }
+backends:
+  - name: http
+    http_reuse: always
+    servers: [{ name: s1, address: "$backend" }]
+SPEC
+
+wrk_args=(-t1 -c8)
+[ "$MODE" = close ] && wrk_args+=(-H "Connection: close")
+
+# measure NAME URL: the proxy under valgrind must be the last process started.
+measure() {
+  local name=$1 url=$2 vg=${pids[-1]}
+  for _ in $(seq 150); do curl -sf "$url" >/dev/null && break; sleep 0.2; done
+  curl -sf "$url" >/dev/null || { echo "$name does not serve $url; see $work" >&2; exit 1; }
+  wrk "${wrk_args[@]}" -d3s "$url" >/dev/null
+  callgrind_control -z "$vg" >/dev/null 2>&1
+  local requests
+  requests=$(wrk "${wrk_args[@]}" -d"$DURATION" "$url" | awk '/requests in/ { print $1 }')
+  callgrind_control -d "$vg" >/dev/null 2>&1
+  local dump
+  for _ in $(seq 50); do
+    dump=$(ls "$work/$name".cg.*.1 2>/dev/null | head -1) && [ -n "$dump" ] && grep -q '^summary:' "$dump" && break
+    sleep 0.2
+  done
+  local total
+  total=$(awk '/^summary:/ { print $2 }' "$dump")
+  printf '%-8s %10s requests %14s instructions %8s per request\n' "$name" "$requests" "$total" "$((total / requests))"
+}
+
+printf 'raftlb instructions per request (%s, %s of load, 8 connections)\n' "$MODE" "$DURATION"
+valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$work/haproxy.cg.%p" \
+  haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
+pids+=($!)
+measure haproxy http://127.0.0.1:28101/
+
+RUST_LOG=warn valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$work/lbnode.cg.%p" \
+  "$LBNODE" --threads 2 --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
+pids+=($!)
+lbctl() { target/release/lbctl --endpoint 127.0.0.1:28200 "$@"; }
+for _ in $(seq 300); do lbctl cluster status >/dev/null 2>&1 && break; sleep 0.2; done
+lbctl cluster init >/dev/null
+lbctl config apply -f "$work/spec.yaml" >/dev/null
+measure lbnode http://127.0.0.1:28201/
