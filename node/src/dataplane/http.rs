@@ -144,8 +144,13 @@ impl Client {
         let mut guard = self.runtime.lock().expect("runtime cache lock");
         let spec = &mut *guard;
         if spec.receiver.has_changed().unwrap_or(false) {
-            spec.runtime = spec.receiver.borrow_and_update().clone();
-            spec.frontend = spec.runtime.as_ref().and_then(|rt| rt.by_bind.get(&self.local).cloned());
+            let newer = spec.receiver.borrow_and_update().clone();
+            // The first look at the receiver may find the version already in use.
+            let same = matches!((&newer, &spec.runtime), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
+            if !same {
+                spec.frontend = newer.as_ref().and_then(|rt| rt.by_bind.get(&self.local).cloned());
+                spec.runtime = newer;
+            }
         }
         Some((spec.runtime.clone()?, spec.frontend.clone()?))
     }
@@ -168,8 +173,8 @@ impl Drop for InFlight {
 }
 
 /// Serves one client connection until it closes.
-pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
-    let Some(rt) = runtime.borrow().clone() else { return };
+/// `rt` is the spec version `fe` belongs to; `runtime` tells of newer ones.
+pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let (head_timeout, idle_timeout, client_timeout) =
         (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get(), rt.timeouts.client.get());
     let server_timeout = rt.timeouts.server.get();
@@ -192,7 +197,7 @@ pub async fn serve(runtime: RuntimeWatch, fe: Arc<FrontendRt>, stream: TcpStream
         conn: conn.clone(),
         counters: fe.counters.clone(),
     };
-    let spec = Spec { receiver: runtime, frontend: rt.by_bind.get(&local).cloned(), runtime: Some(rt) };
+    let spec = Spec { receiver: runtime, frontend: Some(fe.clone()), runtime: Some(rt) };
     let client = Arc::new(Client {
         runtime: Mutex::new(spec),
         local,
@@ -550,7 +555,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         let named: SmallVec<[HeaderName; 4]> = headers
             .get_all(header::CONNECTION)
             .iter()
-            // The usual value, one token that names no header beyond the fixed list.
+            // A shortcut for the usual value, one such token on its own.
             .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive") && !v.as_bytes().eq_ignore_ascii_case(b"close"))
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))

@@ -185,8 +185,13 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
             }
         };
         // The spec in force now, which may be newer than the one the slots came from.
-        let rt = runtime.borrow().clone().unwrap_or(rt);
-        let Some(fe) = rt.by_bind.get(&addr).cloned() else { continue };
+        let (rt, fe) = match runtime.borrow().clone() {
+            Some(newer) if !Arc::ptr_eq(&newer, &rt) => match newer.by_bind.get(&addr).cloned() {
+                Some(fe) => (newer, fe),
+                None => continue,
+            },
+            _ => (rt, fe),
+        };
         let runtime = runtime.clone();
         let placed = workers.place(me);
         let worker = placed.worker;
@@ -201,7 +206,7 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
             let _session = fe.counters.session();
             match fe.spec.mode {
                 Mode::Tcp => tcp::serve(rt, fe.clone(), stream, peer, addr).await,
-                Mode::Http => http::serve(runtime, fe.clone(), stream, peer, addr).await,
+                Mode::Http => http::serve(runtime, rt, fe.clone(), stream, peer, addr).await,
             }
         };
         if worker == me {
