@@ -19,60 +19,10 @@ cd "$(dirname "$0")/.."
 MODE=${MODE:-keepalive}
 DURATION=${DURATION:-8s}
 
-missing=()
-for p in valgrind haproxy nginx-light wrk; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-cargo build --release --bins --quiet
-LBNODE=${LBNODE:-target/release/lbnode}
-
-work=$(mktemp -d /tmp/raftlb-instr.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-backend=127.0.0.1:28080
-cat >"$work/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx.err;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen $backend; location / { return 200 "hello from nginx\n"; } }
-}
-CONF
-nginx -p "$work" -c "$work/nginx.conf" &
-pids+=($!)
-
-cat >"$work/haproxy.cfg" <<CONF
-global
-  nbthread 2
-  maxconn 8000
-defaults
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-frontend http
-  mode http
-  bind 127.0.0.1:28101
-  option http-keep-alive
-  default_backend http
-backend http
-  mode http
-  http-reuse always
-  server s1 $backend
-CONF
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
+bench_setup valgrind haproxy nginx-light wrk
+bench_haproxy_http 2 >"$work/haproxy.cfg"
 cat >"$work/spec.yaml" <<SPEC
 defaults:
   maxconn: 8000
@@ -116,8 +66,5 @@ measure haproxy http://127.0.0.1:28101/
 RUST_LOG=warn valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$work/lbnode.cg.%p" \
   "$LBNODE" --threads 2 --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
 pids+=($!)
-lbctl() { target/release/lbctl --endpoint 127.0.0.1:28200 "$@"; }
-for _ in $(seq 300); do lbctl cluster status >/dev/null 2>&1 && break; sleep 0.2; done
-lbctl cluster init >/dev/null
-lbctl config apply -f "$work/spec.yaml" >/dev/null
+bench_lbnode_spec "$work/spec.yaml"
 measure lbnode http://127.0.0.1:28201/

@@ -18,60 +18,13 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 WRK_THREADS=${WRK_THREADS:-2}
 
-missing=()
-for p in haproxy nginx-light wrk; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-# The release profile, as nodes run in production (a few minutes to build).
-cargo build --release --bins --quiet
-LBNODE=${LBNODE:-target/release/lbnode}
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
+bench_setup haproxy nginx-light wrk
 
-work=$(mktemp -d /tmp/raftlb-bench.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-backend=127.0.0.1:28080
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx.err;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  server { listen $backend; location / { return 200 "hello from nginx\n"; } }
-}
-CONF
-nginx -p "$work" -c "$work/nginx.conf" &
-pids+=($!)
-
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread $THREADS
-  maxconn 8000
-defaults
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-frontend http
-  mode http
-  bind 127.0.0.1:28101
-  option http-keep-alive
-  default_backend http
-backend http
-  mode http
-  http-reuse always
-  server s1 $backend
+{
+  bench_haproxy_http "$THREADS"
+  cat <<CONF
 frontend tcp
   mode tcp
   bind 127.0.0.1:28102
@@ -80,14 +33,12 @@ backend tcp
   mode tcp
   server s1 $backend
 CONF
+} >"$work/haproxy.cfg"
 haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
 pids+=($!)
 
 RUST_LOG=warn "$LBNODE" --threads "$THREADS" --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
 pids+=($!)
-lbctl() { target/release/lbctl --endpoint 127.0.0.1:28200 "$@"; }
-for _ in $(seq 50); do lbctl cluster status >/dev/null 2>&1 && break; sleep 0.1; done
-lbctl cluster init >/dev/null
 cat > "$work/spec.yaml" <<SPEC
 defaults:
   maxconn: 8000
@@ -101,7 +52,7 @@ backends:
   - name: tcp
     servers: [{ name: s1, address: "$backend" }]
 SPEC
-lbctl config apply -f "$work/spec.yaml" >/dev/null
+bench_lbnode_spec "$work/spec.yaml"
 for port in 28101 28102 28201 28202; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
   curl -sf "http://127.0.0.1:$port/" >/dev/null || { echo "nothing serves on 127.0.0.1:$port; see $work" >&2; exit 1; }
