@@ -100,8 +100,6 @@ struct Client {
 /// What the connection's socket and its requests both see.
 #[derive(Default)]
 struct ConnState {
-    /// Bytes read since the last response was written: a request head is on its way.
-    read_since_write: AtomicU64,
     /// Requests whose response (or tunnel) is not finished yet.
     in_flight: AtomicU64,
     /// A request head did not arrive whole within `timeouts.http_request`.
@@ -189,7 +187,7 @@ pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>,
         head: head_timeout,
         idle: idle_timeout,
         waiting_since: tokio::time::Instant::now(),
-        head_started: tokio::time::Instant::now(),
+        head_started: None,
         kept_alive: false,
         fresh: true,
         wait: IdleTimer::new(head_timeout),
@@ -713,8 +711,9 @@ struct ClientIo {
     idle: Duration,
     /// When the wait for the next request began: the connection's start or the last write.
     waiting_since: tokio::time::Instant,
-    /// When the first byte read since the last write arrived: the start of a request head.
-    head_started: tokio::time::Instant,
+    /// When the first byte read since the last write arrived: a request
+    /// head is on its way. `None` while nothing was read since.
+    head_started: Option<tokio::time::Instant>,
     /// A response was written: the connection waits as a kept-alive one.
     kept_alive: bool,
     /// Nothing was read yet.
@@ -732,13 +731,20 @@ impl ClientIo {
         Pin::new(self.inner.as_mut().expect("the socket is there until the I/O is dropped"))
     }
 
+    /// When the wait for a request ends if none begins: `http_request` after
+    /// the start for a new connection, `http_keep_alive` (at most
+    /// `http_request`) after the last response for a kept-alive one.
+    fn idle_deadline(&self) -> tokio::time::Instant {
+        self.waiting_since + if self.kept_alive { self.idle.min(self.head) } else { self.head }
+    }
+
     /// Nothing to read. While no request is in flight, the wait for one is limited.
     fn wait_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         if self.conn.in_flight.load(Relaxed) > 0 {
             return Poll::Pending;
         }
-        if self.conn.read_since_write.load(Relaxed) > 0 {
-            if self.wait.poll_until(self.head_started + self.head, cx).is_ready() {
+        if let Some(started) = self.head_started {
+            if self.wait.poll_until(started + self.head, cx).is_ready() {
                 self.conn.head_timed_out.store(true, Relaxed);
                 let limit = self.head;
                 return Poll::Ready(Err(std::io::Error::new(
@@ -748,9 +754,54 @@ impl ClientIo {
             }
             return Poll::Pending;
         }
-        let limit = if self.kept_alive { self.idle.min(self.head) } else { self.head };
-        if self.wait.poll_until(self.waiting_since + limit, cx).is_ready() {
-            return Poll::Ready(Ok(()));
+        let deadline = self.idle_deadline();
+        self.wait.poll_until(deadline, cx).map(Ok)
+    }
+
+    /// The first read of a new connection goes straight to the socket: the
+    /// request is usually there already (clients send it right after the
+    /// connect), and tokio would first wait for the reactor to say so, at
+    /// the cost of a timer, a wake-up and a pass through the reactor.
+    fn first_read(&mut self, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
+        if !std::mem::take(&mut self.fresh) {
+            return None;
+        }
+        let stream = self.inner.as_ref()?;
+        // SAFETY: recv only writes bytes, and only the `n` it wrote are marked filled.
+        match socket2::SockRef::from(stream).recv(unsafe { buf.unfilled_mut() }) {
+            Ok(n) => {
+                // SAFETY: recv initialised the first `n` bytes of the unfilled part.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                Some(Ok(()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// `n` bytes of a response went out: the wait for the next request
+    /// begins. Its timer is set here, as hyper does not read again before
+    /// the next wake-up: the timer is that wake-up once it goes off.
+    fn wrote(&mut self, n: usize, cx: &mut Context<'_>) {
+        self.write_blocked.activity();
+        if n > 0 {
+            self.head_started = None;
+            Counters::add(&self.counters.bytes_out, n as u64);
+            self.waiting_since = tokio::time::Instant::now();
+            self.kept_alive = true;
+            if !self.conn.closing.load(Relaxed) {
+                let deadline = self.idle_deadline();
+                let _ = self.wait.poll_until(deadline, cx);
+            }
+        }
+    }
+
+    /// The client is not reading: after `timeouts.client` of that, the write fails.
+    fn write_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.write_blocked.poll_quiet(cx).is_ready() {
+            let limit = self.write_blocked.limit;
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the client read nothing for {limit:?}"))));
         }
         Poll::Pending
     }
@@ -777,39 +828,13 @@ impl AsyncRead for ClientIo {
             Poll::Ready(Ok(())) => {
                 let n = (buf.filled().len() - before) as u64;
                 if n > 0 {
-                    if self.conn.read_since_write.fetch_add(n, Relaxed) == 0 {
-                        self.head_started = tokio::time::Instant::now();
-                    }
+                    self.head_started.get_or_insert_with(tokio::time::Instant::now);
                     Counters::add(&self.counters.bytes_in, n);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => self.wait_end(cx),
-        }
-    }
-}
-
-impl ClientIo {
-    /// The first read of a new connection goes straight to the socket: the
-    /// request is usually there already (clients send it right after the
-    /// connect), and tokio would first wait for the reactor to say so, at
-    /// the cost of a timer, a wake-up and a pass through the reactor.
-    fn first_read(&mut self, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
-        if !std::mem::take(&mut self.fresh) {
-            return None;
-        }
-        let stream = self.inner.as_ref()?;
-        // SAFETY: recv only writes bytes, and only the `n` it wrote are marked filled.
-        match socket2::SockRef::from(stream).recv(unsafe { buf.unfilled_mut() }) {
-            Ok(n) => {
-                // SAFETY: recv initialised the first `n` bytes of the unfilled part.
-                unsafe { buf.assume_init(n) };
-                buf.advance(n);
-                Some(Ok(()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-            Err(e) => Some(Err(e)),
         }
     }
 }
@@ -832,33 +857,6 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.stream().poll_shutdown(cx)
-    }
-}
-
-impl ClientIo {
-    /// `n` bytes of a response went out: the wait for the next request
-    /// begins. Its timer is set here, as hyper does not read again before
-    /// the next wake-up: the timer is that wake-up once it goes off.
-    fn wrote(&mut self, n: usize, cx: &mut Context<'_>) {
-        self.write_blocked.activity();
-        if n > 0 {
-            self.conn.read_since_write.store(0, Relaxed);
-            Counters::add(&self.counters.bytes_out, n as u64);
-            self.waiting_since = tokio::time::Instant::now();
-            self.kept_alive = true;
-            if !self.conn.closing.load(Relaxed) {
-                let _ = self.wait.poll_until(self.waiting_since + self.idle.min(self.head), cx);
-            }
-        }
-    }
-
-    /// The client is not reading: after `timeouts.client` of that, the write fails.
-    fn write_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.write_blocked.poll_quiet(cx).is_ready() {
-            let limit = self.write_blocked.limit;
-            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the client read nothing for {limit:?}"))));
-        }
-        Poll::Pending
     }
 }
 
