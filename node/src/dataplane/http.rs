@@ -500,22 +500,21 @@ fn handshake(
 /// Whether the client's connection ends with this request's response
 /// (`Connection: close`, or HTTP/1.0 without keep-alive), as hyper decides.
 fn asks_to_close(req: &Request<Incoming>) -> bool {
-    let token = |want: &str| {
-        req.headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
-    };
-    token("close") || (req.version() == hyper::Version::HTTP_10 && !token("keep-alive"))
+    let headers = req.headers();
+    connection_has(headers, "close") || (req.version() == hyper::Version::HTTP_10 && !connection_has(headers, "keep-alive"))
 }
 
 fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+/// Whether a Connection header lists `token`.
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
