@@ -209,6 +209,8 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
                 Mode::Http => http::serve(runtime, rt, fe.clone(), stream, peer, addr).await,
             }
         };
+        // Boxed: the future is large, and tokio moves it whole at spawn and at each change of the task's stage.
+        let serve = Box::pin(serve);
         if worker == me {
             tokio::spawn(serve);
         } else {
