@@ -220,7 +220,7 @@ fn without_redispatch_a_retry_stays_on_the_refusing_server() {
 }
 
 #[test]
-fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_client_gets_408() {
+fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_or_silent_client_gets_408() {
     let c = Cluster::formed(1);
     let a = http_server("a", "127.0.0.1:0");
     let bind = front();
@@ -240,6 +240,14 @@ fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_client_gets_40
     let r = client::read_reply(&mut BufReader::new(s)).unwrap();
     assert_eq!(r.status, 408);
     assert!(started.elapsed() < Duration::from_secs(3), "http_request is 1s, took {:?}", started.elapsed());
+
+    // A new connection that sends nothing at all gets the same answer, as with HAProxy.
+    let s = connect(bind, None).unwrap();
+    let started = Instant::now();
+    let r = client::read_reply(&mut BufReader::new(s)).unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, 408);
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "http_request is 1s, took {took:?}");
 }
 
 #[test]

@@ -215,8 +215,10 @@ pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>,
         .with_upgrades()
         .await;
     match result {
-        // A head that started but did not finish in time: answer 408, as HAProxy does.
-        Err(_) if conn.head_timed_out.load(Relaxed) => {
+        // No complete head in time: answer 408, as HAProxy does. hyper ends
+        // with an error for a started head and quietly for a connection that
+        // sent nothing.
+        _ if conn.head_timed_out.load(Relaxed) => {
             Counters::add(&fe.counters.errors, 1);
             fe.counters.response(408);
             let reply = canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
@@ -695,12 +697,12 @@ impl Body for ResponseBody {
 }
 
 /// The client's socket, with the timeouts of the wait for a request: a
-/// request head must arrive whole within `http_request` of its first byte
-/// (else the read fails and the connection is answered 408), and a
-/// connection waiting for a request ends after `http_request` when new,
-/// `http_keep_alive` (at most `http_request`) once it has served one, as an
-/// end of stream, which hyper closes quietly. hyper's own head timer would
-/// cost a timer per request; this one timer is reused.
+/// request head must arrive whole within `http_request` of its first byte,
+/// and a new connection must send one within `http_request` (else the read
+/// fails and the connection is answered 408); a kept-alive connection
+/// waiting for its next request ends after `http_keep_alive` (at most
+/// `http_request`) as an end of stream, which hyper closes quietly. hyper's
+/// own head timer would cost a timer per request; this one timer is reused.
 struct ClientIo {
     /// Always `Some` until dropped.
     inner: Option<TcpStream>,
@@ -737,24 +739,25 @@ impl ClientIo {
         self.waiting_since + if self.kept_alive { self.idle.min(self.head) } else { self.head }
     }
 
-    /// Nothing to read. While no request is in flight, the wait for one is limited.
+    /// Nothing to read. While no request is in flight, the wait for one is
+    /// limited: a started head or a new connection that sent nothing is
+    /// answered 408 at its limit (as HAProxy does unless told to ignore such
+    /// probes); an idle kept-alive connection ends quietly.
     fn wait_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         if self.conn.in_flight.load(Relaxed) > 0 {
             return Poll::Pending;
         }
-        if let Some(started) = self.head_started {
-            if self.wait.poll_until(started + self.head, cx).is_ready() {
-                self.conn.head_timed_out.store(true, Relaxed);
-                let limit = self.head;
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the request head did not arrive within {limit:?}"),
-                )));
-            }
-            return Poll::Pending;
+        let deadline = match self.head_started {
+            Some(started) => started + self.head,
+            None => self.idle_deadline(),
+        };
+        std::task::ready!(self.wait.poll_until(deadline, cx));
+        if self.kept_alive && self.head_started.is_none() {
+            return Poll::Ready(Ok(()));
         }
-        let deadline = self.idle_deadline();
-        self.wait.poll_until(deadline, cx).map(Ok)
+        self.conn.head_timed_out.store(true, Relaxed);
+        let limit = self.head;
+        Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no complete request head within {limit:?}"))))
     }
 
     /// The first read of a new connection goes straight to the socket: the
@@ -855,6 +858,10 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.conn.head_timed_out.load(Relaxed) {
+            // The 408 goes out first, once hyper has let go of the socket.
+            return Poll::Ready(Ok(()));
+        }
         self.stream().poll_shutdown(cx)
     }
 }
