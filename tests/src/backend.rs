@@ -89,8 +89,9 @@ where
 /// An HTTP/1.1 server on `addr` (use port 0 for any). It answers every
 /// request, after reading its body, with a JSON body `{"server", "method",
 /// "path", "headers", "body_bytes"}`, and: `/stall` never answers;
-/// `/slow?ms=N` answers after N ms; `/big?mb=N` answers N MiB; an Upgrade
-/// request gets 101 and then an echo of the bytes that follow.
+/// `/slow?ms=N` answers after N ms; `/big?mb=N` answers N MiB; `/empty`
+/// answers 204 with no body; an Upgrade request gets 101 and then an echo of
+/// the bytes that follow.
 pub fn http_server(name: &str, addr: &str) -> TestServer {
     spawn_server(name, addr, |stream, name, hits| async move {
         let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
@@ -105,6 +106,9 @@ pub fn http_server(name: &str, addr: &str) -> TestServer {
                     let ms: u64 = req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()).unwrap_or(100);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
+                if path == "/empty" {
+                    return Ok::<_, Infallible>(Response::builder().status(204).body(Full::new(Bytes::new())).unwrap());
+                }
                 if req.headers().contains_key(hyper::header::UPGRADE) {
                     let upgrade = hyper::upgrade::on(&mut req);
                     tokio::spawn(async move {
@@ -118,14 +122,12 @@ pub fn http_server(name: &str, addr: &str) -> TestServer {
                             }
                         }
                     });
-                    return Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(101)
-                            .header("connection", "upgrade")
-                            .header("upgrade", "echo")
-                            .body(Full::new(Bytes::new()))
-                            .unwrap(),
-                    );
+                    return Ok(Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "echo")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap());
                 }
                 if let Some(mb) =
                     req.uri().query().and_then(|q| q.strip_prefix("mb=")).and_then(|v| v.parse::<usize>().ok()).filter(|_| path == "/big")

@@ -645,6 +645,17 @@ impl ResponseBody {
     }
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper drops a body that is empty from the start (204, 304, a HEAD
+        // answer, `Content-Length: 0`) without polling it: the exchange is
+        // complete all the same, and its connection is reused.
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
