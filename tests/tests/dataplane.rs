@@ -202,6 +202,42 @@ fn an_invalid_server_response_gives_502_and_no_server_gives_503() {
     assert_eq!(stats["backends"]["none"]["retries"], 1, "one retry, then 503: {stats}");
 }
 
+/// A listener whose accept queue is full: the kernel drops further SYNs,
+/// so a connect to it neither succeeds nor fails until its own timeout.
+fn unanswered_connects() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+    let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Never accepted: these fill the queue (one fits with a backlog of 0).
+    let fillers: Vec<_> = (0..2).filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()).collect();
+    assert!(!fillers.is_empty(), "the first connect fills the accept queue");
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
+        "a connect to a full accept queue is not answered"
+    );
+    (listener, fillers, addr)
+}
+
+#[test]
+fn a_connect_the_server_never_answers_gives_up_after_timeouts_connect_for_each_attempt() {
+    let c = Cluster::formed(1);
+    let (_listener, _fillers, silent) = unanswered_connects();
+    let bind = front();
+    let servers = format!("      - {{ name: silent, address: \"{silent}\" }}\n");
+    apply_spec(&c, 1, "ct.yaml", &http_spec(bind, "", &servers));
+    wait_for(Duration::from_secs(5), "the frontend to listen", || connect(c.nodes[0].frontend(bind), None).ok());
+    // timeouts.connect is 500ms and retries 2: three attempts, then 503.
+    let started = Instant::now();
+    let r = get(bind, "/", &[]).unwrap();
+    let took = started.elapsed();
+    let stats = c.nodes[0].stats();
+    let app = &stats["backends"]["app"];
+    assert_eq!(r.status, 503);
+    assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(4), "3 connects of 500ms took {took:?}: {app}");
+    assert_eq!((app["retries"].as_u64(), app["servers"]["silent"]["errors"].as_u64()), (Some(2), Some(3)), "{app}");
+}
+
 #[test]
 fn without_redispatch_a_retry_stays_on_the_refusing_server() {
     let c = Cluster::formed(1);

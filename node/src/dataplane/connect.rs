@@ -36,7 +36,17 @@ where
     let mut exclude = Vec::new();
     let mut prefer = prefer.map(str::to_owned);
     for n in 0..=rt.retries {
-        let (index, lease) = be.lease(src, prefer.as_deref(), &exclude, rt.timeouts.queue.get()).await.map_err(Failure::NoServer)?;
+        let queue = rt.timeouts.queue.get();
+        let leased = match be.lease(src, prefer.as_deref(), &exclude, queue).await {
+            // Every server up was tried: a redispatched retry goes back to one
+            // of them, as it may with HAProxy, rather than not happening.
+            Err(NoServer::NoneUp) if !exclude.is_empty() => {
+                exclude.clear();
+                be.lease(src, prefer.as_deref(), &exclude, queue).await
+            }
+            leased => leased,
+        };
+        let (index, lease) = leased.map_err(Failure::NoServer)?;
         match attempt(&lease.state).await {
             Ok(value) => return Ok((index, lease, value)),
             Err(e) => {
