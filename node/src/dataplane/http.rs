@@ -95,6 +95,23 @@ struct Client {
     conn: Arc<ConnState>,
     /// The wait for a server's response head, for one request at a time.
     server_wait: Mutex<IdleTimer>,
+    /// With `http_reuse: never`, this client's own connection to a server,
+    /// kept for its next requests and closed with it, never shared.
+    own: Arc<Mutex<Option<Own>>>,
+}
+
+/// A connection that belongs to one client.
+struct Own {
+    server: SocketAddr,
+    sender: Upstream,
+}
+
+/// Where a connection goes once its response is complete.
+enum Home {
+    /// The server's pool, shared by every client of the worker.
+    Pool,
+    /// Back to the client that used it (`http_reuse: never`).
+    Client(Arc<Mutex<Option<Own>>>),
 }
 
 /// What the connection's socket and its requests both see.
@@ -203,6 +220,7 @@ pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>,
         served: AtomicU64::new(0),
         conn: conn.clone(),
         server_wait: Mutex::new(IdleTimer::new(server_timeout)),
+        own: Arc::default(),
     });
     let service = hyper::service::service_fn(move |req| {
         let client = client.clone();
@@ -358,8 +376,17 @@ async fn route_and_forward(
         HttpReuse::Always => true,
     } && !upgrade;
     let (connect_timeout, source) = (rt.timeouts.connect.get(), rt.source);
+    let never = be.spec.http_reuse == HttpReuse::Never && !upgrade;
     let got = with_retries(rt, &be, client.peer.ip(), cookie_server.as_deref(), |server| {
-        let pooled = if reuse { server.pool.take() } else { None };
+        let pooled = if never {
+            // The client's own connection, if it goes to this server.
+            let mut own = client.own.lock().expect("own connection lock");
+            own.take_if(|own| own.server == server.addr).map(|own| own.sender)
+        } else if reuse {
+            server.pool.take()
+        } else {
+            None
+        };
         let addr = server.addr;
         async move {
             // Right after its last response ended, hyper may not have closed
@@ -451,11 +478,11 @@ async fn route_and_forward(
             }
         }
     }
-    let pool_back = (be.spec.http_reuse != HttpReuse::Never).then_some(sender);
+    let home = if never { Home::Client(client.own.clone()) } else { Home::Pool };
     // The frontend's bytes are counted at the client socket; these count what came from the server.
     let counters = [be.counters.clone(), lease.state.counters.clone()];
     response.map(|body| {
-        let done = Done { _lease: lease, _in_flight: in_flight, sender: pool_back };
+        let done = Done { _lease: lease, _in_flight: in_flight, sender, home };
         ResponseBody { inner: body, quiet: IdleTimer::new(server_timeout), counters, done: Some(done) }.boxed()
     })
 }
@@ -618,11 +645,12 @@ fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 }
 
 /// What a response holds until its body is done: the server slot, and the
-/// connection to give back to the pool.
+/// connection to give back to the pool or to its client.
 struct Done {
     _lease: Lease,
     _in_flight: InFlight,
-    sender: Option<Upstream>,
+    sender: Upstream,
+    home: Home,
 }
 
 /// The server's response body on its way to the client: counts bytes, ends
@@ -637,10 +665,15 @@ struct ResponseBody {
 }
 
 impl ResponseBody {
-    /// The body is complete: the slot is freed and the connection pooled.
+    /// The body is complete: the slot is freed and the connection kept for reuse.
     fn finish(&mut self) {
-        if let Some(Done { sender: Some(sender), _lease, .. }) = self.done.take() {
-            _lease.state.pool.put(sender);
+        let Some(Done { sender, _lease, home, .. }) = self.done.take() else { return };
+        match home {
+            Home::Pool => _lease.state.pool.put(sender),
+            Home::Client(own) if !sender.is_closed() => {
+                *own.lock().expect("own connection lock") = Some(Own { server: _lease.state.addr, sender });
+            }
+            Home::Client(_) => {}
         }
     }
 }
