@@ -376,9 +376,9 @@ async fn route_and_forward(
         HttpReuse::Always => true,
     } && !upgrade;
     let (connect_timeout, source) = (rt.timeouts.connect.get(), rt.source);
-    let never = be.spec.http_reuse == HttpReuse::Never && !upgrade;
+    let never = be.spec.http_reuse == HttpReuse::Never;
     let got = with_retries(rt, &be, client.peer.ip(), cookie_server.as_deref(), |server| {
-        let pooled = if never {
+        let pooled = if never && !upgrade {
             // The client's own connection, if it goes to this server.
             let mut own = client.own.lock().expect("own connection lock");
             own.take_if(|own| own.server == server.addr).map(|own| own.sender)
