@@ -154,11 +154,13 @@ fn backend_connections_are_reused_as_http_reuse_says() {
         }
         let used = a.accepted.load(Relaxed) - before;
         assert!(used <= most, "http_reuse: {reuse} used {used} connections for 50 requests of one client");
-        // A second client: `always` gives it the idle connection, `never` one of its own.
-        let mut other = KeepAlive::open(bind).unwrap();
-        assert_eq!(other.get("/", &[]).unwrap().status, 200);
-        let opened = a.accepted.load(Relaxed) - before - used;
-        assert_eq!(opened, if reuse == "never" { 1 } else { 0 }, "http_reuse: {reuse}, a second client");
+        if reuse == "never" {
+            // A second client gets a connection of its own, even with the first one's idle.
+            // (With `always` it may reuse that one, or not: pools are per worker thread.)
+            let mut other = KeepAlive::open(bind).unwrap();
+            assert_eq!(other.get("/", &[]).unwrap().status, 200);
+            assert_eq!(a.accepted.load(Relaxed) - before - used, 1, "http_reuse: never, a second client");
+        }
     }
 }
 
