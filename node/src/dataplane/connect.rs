@@ -35,8 +35,8 @@ where
 {
     let mut exclude = Vec::new();
     let mut prefer = prefer.map(str::to_owned);
+    let queue = rt.timeouts.queue.get();
     for n in 0..=rt.retries {
-        let queue = rt.timeouts.queue.get();
         let leased = match be.lease(src, prefer.as_deref(), &exclude, queue).await {
             // Every server up was tried: a redispatched retry goes back to one
             // of them, as it may with HAProxy, rather than not happening.

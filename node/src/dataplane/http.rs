@@ -97,7 +97,7 @@ struct Client {
     server_wait: Mutex<IdleTimer>,
     /// With `http_reuse: never`, this client's own connection to a server,
     /// kept for its next requests and closed with it, never shared.
-    own: Arc<Mutex<Option<Own>>>,
+    own: Mutex<Option<Own>>,
 }
 
 /// A connection that belongs to one client.
@@ -111,7 +111,7 @@ enum Home {
     /// The server's pool, shared by every client of the worker.
     Pool,
     /// Back to the client that used it (`http_reuse: never`).
-    Client(Arc<Mutex<Option<Own>>>),
+    Client(Arc<Client>),
 }
 
 /// What the connection's socket and its requests both see.
@@ -220,7 +220,7 @@ pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>,
         served: AtomicU64::new(0),
         conn: conn.clone(),
         server_wait: Mutex::new(IdleTimer::new(server_timeout)),
-        own: Arc::default(),
+        own: Mutex::default(),
     });
     let service = hyper::service::service_fn(move |req| {
         let client = client.clone();
@@ -282,7 +282,7 @@ fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
         .expect("a static response is well formed")
 }
 
-async fn handle(client: &Client, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(client: &Arc<Client>, req: Request<Incoming>) -> Response<ProxyBody> {
     let first = client.served.fetch_add(1, Relaxed) == 0;
     if asks_to_close(&req) {
         // hyper closes the connection after this response: no wait for another.
@@ -332,7 +332,7 @@ fn route<'a>(fe: &'a FrontendRt, req: &Request<Incoming>, peer: SocketAddr) -> R
 async fn route_and_forward(
     rt: &Arc<Runtime>,
     fe: &Arc<FrontendRt>,
-    client: &Client,
+    client: &Arc<Client>,
     mut req: Request<Incoming>,
     first: bool,
     in_flight: InFlight,
@@ -478,7 +478,7 @@ async fn route_and_forward(
             }
         }
     }
-    let home = if never { Home::Client(client.own.clone()) } else { Home::Pool };
+    let home = if never { Home::Client(client.clone()) } else { Home::Pool };
     // The frontend's bytes are counted at the client socket; these count what came from the server.
     let counters = [be.counters.clone(), lease.state.counters.clone()];
     response.map(|body| {
@@ -670,8 +670,8 @@ impl ResponseBody {
         let Some(Done { sender, _lease, home, .. }) = self.done.take() else { return };
         match home {
             Home::Pool => _lease.state.pool.put(sender),
-            Home::Client(own) if !sender.is_closed() => {
-                *own.lock().expect("own connection lock") = Some(Own { server: _lease.state.addr, sender });
+            Home::Client(client) if !sender.is_closed() => {
+                *client.own.lock().expect("own connection lock") = Some(Own { server: _lease.state.addr, sender });
             }
             Home::Client(_) => {}
         }
