@@ -36,6 +36,11 @@ impl Balancer {
         if candidates.is_empty() {
             return None;
         }
+        // Every algorithm takes the only candidate, and round robin's state
+        // would come back where it was: no lock for a lone server.
+        if candidates.len() == 1 {
+            return Some(candidates[0].index);
+        }
         let chosen = match self.algorithm {
             Balance::Roundrobin => self.smooth_weighted(candidates),
             Balance::Leastconn => least_loaded(candidates),
@@ -77,10 +82,10 @@ fn least_loaded(candidates: &[Candidate]) -> usize {
 /// cluster maps a client to the same server, and adding or removing a server
 /// moves only the clients that go to, or went to, that server.
 fn rendezvous(candidates: &[Candidate], src: IpAddr) -> usize {
-    let client = stable_hash(&match src {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    });
+    let client = match src {
+        IpAddr::V4(a) => stable_hash(&a.octets()),
+        IpAddr::V6(a) => stable_hash(&a.octets()),
+    };
     let score = |c: &Candidate| {
         let h = mix(client ^ stable_hash(c.name.as_bytes()));
         // A uniform draw in (0, 1]; -w / ln(u) is the weighted rendezvous score.

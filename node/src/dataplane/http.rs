@@ -409,12 +409,17 @@ async fn route_and_forward(
     };
     let server_session = lease.state.counters.session();
     Counters::add(&be.counters.sessions_total, 1);
-    let client_stalled = Arc::new(AtomicBool::new(false));
+    // Most requests have no body: nothing to count, nor to wait for.
+    let client_stalled = (!req.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
     let req = req.map(|body| RequestBody {
+        watch: client_stalled.as_ref().map(|stalled| {
+            Box::new(BodyWatch {
+                quiet: IdleTimer::new(rt.timeouts.client.get()),
+                stalled: stalled.clone(),
+                counters: [be.counters.clone(), lease.state.counters.clone()],
+            })
+        }),
         inner: body,
-        quiet: IdleTimer::new(rt.timeouts.client.get()),
-        stalled: client_stalled.clone(),
-        counters: [be.counters.clone(), lease.state.counters.clone()],
     });
 
     let server_timeout = rt.timeouts.server.get();
@@ -434,7 +439,7 @@ async fn route_and_forward(
                 Err(_) => return bad_gateway(fe, &be, &lease),
             },
             // The client stopped sending its request body for timeouts.client.
-            None if client_stalled.load(Relaxed) => {
+            None if client_stalled.is_some_and(|s| s.load(Relaxed)) => {
                 Counters::add(&fe.counters.errors, 1);
                 return error_response(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
             }
@@ -916,6 +921,11 @@ impl AsyncWrite for ClientIo {
 /// fault: this body is only polled when the server connection takes data).
 struct RequestBody {
     inner: Incoming,
+    /// `None` when the request has no body.
+    watch: Option<Box<BodyWatch>>,
+}
+
+struct BodyWatch {
     quiet: IdleTimer,
     /// Set when the client stalled, so the request is answered 408, not 502.
     stalled: Arc<AtomicBool>,
@@ -928,21 +938,23 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(watch) = this.watch.as_mut() else { return polled.map_err(Into::into) };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    for c in &this.counters {
+                    for c in &watch.counters {
                         Counters::add(&c.bytes_in, data.len() as u64);
                     }
                 }
-                this.quiet.activity();
+                watch.quiet.activity();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
             Poll::Pending => {
-                if this.quiet.poll_quiet(cx).is_ready() {
-                    this.stalled.store(true, Relaxed);
-                    return Poll::Ready(Some(Err(format!("the client sent nothing for {:?}", this.quiet.limit).into())));
+                if watch.quiet.poll_quiet(cx).is_ready() {
+                    watch.stalled.store(true, Relaxed);
+                    return Poll::Ready(Some(Err(format!("the client sent nothing for {:?}", watch.quiet.limit).into())));
                 }
                 Poll::Pending
             }
