@@ -976,11 +976,26 @@ struct IdleTimer {
     limit: Duration,
     deadline: Option<tokio::time::Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker of the last poll that found the timer pending, while the
+    /// timer was neither moved nor went off since: the timer will wake it,
+    /// and polling it again from that task would only register it again.
+    armed_for: Option<WakerId>,
+}
+
+/// What tells one waker from another (as `Waker::will_wake` compares them),
+/// without the reference a clone would take.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct WakerId(usize, usize);
+
+impl WakerId {
+    fn of(waker: &std::task::Waker) -> Self {
+        WakerId(waker.data() as usize, waker.vtable() as *const _ as usize)
+    }
 }
 
 impl IdleTimer {
     fn new(limit: Duration) -> Self {
-        IdleTimer { limit, deadline: None, sleep: None }
+        IdleTimer { limit, deadline: None, sleep: None, armed_for: None }
     }
 
     fn activity(&mut self) {
@@ -996,17 +1011,89 @@ impl IdleTimer {
     /// Ready once `deadline` passed. A timer set for an earlier deadline
     /// stays set, and is set again when it goes off early: moving a timer
     /// on every request costs more than one early wake-up per idle period.
+    /// A connection's task polls its timers several times per request; one
+    /// that will already wake it is left alone (a registration takes four
+    /// atomic operations).
     fn poll_until(&mut self, deadline: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
         let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
+            self.armed_for = None;
+        }
+        let waker = WakerId::of(cx.waker());
+        if self.armed_for == Some(waker) && !sleep.is_elapsed() {
+            return Poll::Pending;
         }
         loop {
-            std::task::ready!(sleep.as_mut().poll(cx));
+            if sleep.as_mut().poll(cx).is_pending() {
+                self.armed_for = Some(waker);
+                return Poll::Pending;
+            }
+            self.armed_for = None;
             if tokio::time::Instant::now() >= deadline {
                 return Poll::Ready(());
             }
             sleep.as_mut().reset(deadline);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_timer_polled_again_by_its_task_still_goes_off_at_its_deadline() {
+        let mut timer = IdleTimer::new(Duration::from_secs(1));
+        let start = tokio::time::Instant::now();
+        // Armed for an early deadline, then asked for a later one: it goes
+        // off early, is set again, and is ready only at the later deadline.
+        assert!(std::future::poll_fn(|cx| Poll::Ready(timer.poll_until(start + Duration::from_millis(20), cx))).await.is_pending());
+        let later = start + Duration::from_millis(80);
+        let mut polls = 0;
+        // Polled twice per wake-up, as a connection's task does, and woken
+        // meanwhile for other reasons.
+        let ready = tokio::time::timeout(
+            Duration::from_secs(2),
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                let _ = timer.poll_until(later, cx);
+                if polls < 5 {
+                    cx.waker().wake_by_ref();
+                }
+                timer.poll_until(later, cx)
+            }),
+        )
+        .await;
+        assert!(ready.is_ok(), "the timer never went off");
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(80), "ready after {waited:?}, before its deadline");
+        assert!(waited < Duration::from_secs(2), "ready only after {waited:?}");
+        // An earlier deadline moves the timer.
+        let start = tokio::time::Instant::now();
+        let ready = tokio::time::timeout(
+            Duration::from_secs(2),
+            std::future::poll_fn(|cx| timer.poll_until(start + Duration::from_millis(30), cx)),
+        )
+        .await;
+        assert!(ready.is_ok(), "the timer never went off");
+        assert!(start.elapsed() >= Duration::from_millis(30), "ready after {:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn an_idle_timer_polled_from_another_task_wakes_that_task() {
+        let timer = Arc::new(Mutex::new(IdleTimer::new(Duration::from_secs(1))));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        // Armed for this task...
+        assert!(std::future::poll_fn(|cx| Poll::Ready(timer.lock().unwrap().poll_until(deadline, cx))).await.is_pending());
+        // ...then awaited by another, which must be woken at the deadline.
+        let other = timer.clone();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::spawn(async move { std::future::poll_fn(|cx| other.lock().unwrap().poll_until(deadline, cx)).await }),
+        )
+        .await;
+        assert!(matches!(waited, Ok(Ok(()))), "the other task was never woken");
+        assert!(tokio::time::Instant::now() >= deadline);
     }
 }
