@@ -3,7 +3,9 @@
 # unlike requests per second on a shared machine, the count barely moves from
 # one run to the next, so it tells whether a change made the proxy's own work
 # per request smaller. User space only: system calls are counted as one
-# instruction each, whatever the kernel does for them.
+# instruction each, whatever the kernel does for them. Also counts the
+# atomic read-modify-write instructions per request (scripts/count-atomics.py):
+# about 20 cycles each, however uncontended.
 #
 #   scripts/bench-instructions.sh              # keep-alive, 8 s of load
 #   MODE=close DURATION=8s scripts/bench-instructions.sh
@@ -12,7 +14,7 @@
 # warms it up, the counters are zeroed, wrk runs DURATION with 8 connections
 # (one thread), and the count since the zeroing is divided by the requests
 # served. Run by hand, as root on Debian (installs valgrind, haproxy,
-# nginx-light and wrk if they are missing). LBNODE=path measures another build.
+# nginx-light, wrk, python3 and binutils if they are missing). LBNODE=path measures another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +23,7 @@ DURATION=${DURATION:-8s}
 
 # shellcheck source=scripts/bench-common.sh
 source scripts/bench-common.sh
-bench_setup valgrind haproxy nginx-light wrk
+bench_setup valgrind haproxy nginx-light wrk python3 binutils
 bench_haproxy_http 2 >"$work/haproxy.cfg"
 cat >"$work/spec.yaml" <<SPEC
 defaults:
@@ -55,15 +57,16 @@ measure() {
   local total
   total=$(awk '/^summary:/ { print $2 }' "$dump")
   printf '%-8s %10s requests %14s instructions %8s per request\n' "$name" "$requests" "$total" "$((total / requests))"
+  python3 scripts/count-atomics.py "$dump" "$requests" | sed 's/^/  /'
 }
 
 printf 'raftlb instructions per request (%s, %s of load, 8 connections)\n' "$MODE" "$DURATION"
-valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$work/haproxy.cg.%p" \
+valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$work/haproxy.cg.%p" \
   haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
 pids+=($!)
 measure haproxy http://127.0.0.1:28101/
 
-RUST_LOG=warn valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$work/lbnode.cg.%p" \
+RUST_LOG=warn valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$work/lbnode.cg.%p" \
   "$LBNODE" --threads 2 --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
 pids+=($!)
 bench_lbnode_spec "$work/spec.yaml"
