@@ -27,6 +27,11 @@ pub type RuntimeWatch = tokio::sync::watch::Receiver<Option<Arc<Runtime>>>;
 /// same host already uses: `from` IP -> `to` IP (see the node config).
 pub type BindRewrite = HashMap<IpAddr, IpAddr>;
 
+/// A map looked up for every connection or request, keyed by what the spec
+/// names (bind addresses, backend names): a fast hash, as no client chooses
+/// its keys (the stick table, keyed by client addresses, keeps std's).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 pub struct Runtime {
     pub timeouts: Timeouts,
     /// The source address of connections to servers (the node config's `source`).
@@ -36,8 +41,8 @@ pub struct Runtime {
     /// The node-wide connection limit (`defaults.maxconn`).
     pub node_slots: Arc<Semaphore>,
     /// Each bind address this node listens on (after the rewrite), to the frontend it serves.
-    pub by_bind: HashMap<SocketAddr, Arc<FrontendRt>>,
-    pub backends: HashMap<String, Arc<BackendRt>>,
+    pub by_bind: FastMap<SocketAddr, Arc<FrontendRt>>,
+    pub backends: FastMap<String, Arc<BackendRt>>,
 }
 
 pub struct FrontendRt {
@@ -135,14 +140,14 @@ impl Shared {
 
     /// Compiles a validated spec; `rewrite` places this node's frontends.
     pub fn compile(&self, spec: &Spec, rewrite: &BindRewrite) -> Runtime {
-        let backends: HashMap<String, Arc<BackendRt>> = spec.backends.iter().map(|b| (b.name.clone(), Arc::new(self.backend(b)))).collect();
+        let backends: FastMap<String, Arc<BackendRt>> = spec.backends.iter().map(|b| (b.name.clone(), Arc::new(self.backend(b)))).collect();
         // Forget what the spec no longer names; connections still using it keep
         // their own references, and its pooled connections close with it.
         self.servers.lock().expect("server table lock").retain(|(b, s, addr), _| {
             backends.get(b).is_some_and(|be| be.servers.iter().any(|srv| srv.spec.name == *s && srv.state.addr == *addr))
         });
         self.backends.lock().expect("backend table lock").retain(|b, _| backends.contains_key(b));
-        let mut by_bind = HashMap::new();
+        let mut by_bind = FastMap::default();
         for f in &spec.frontends {
             let fe = Arc::new(FrontendRt {
                 spec: f.clone(),
