@@ -409,15 +409,13 @@ async fn route_and_forward(
     };
     let server_session = lease.state.counters.session();
     Counters::add(&be.counters.sessions_total, 1);
+    // The backend's and the server's: the frontend's bytes are counted at the client socket.
+    let counters = [be.counters.clone(), lease.state.counters.clone()];
     // Most requests have no body: nothing to count, nor to wait for.
     let client_stalled = (!req.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
     let req = req.map(|body| RequestBody {
         watch: client_stalled.as_ref().map(|stalled| {
-            Box::new(BodyWatch {
-                quiet: IdleTimer::new(rt.timeouts.client.get()),
-                stalled: stalled.clone(),
-                counters: [be.counters.clone(), lease.state.counters.clone()],
-            })
+            Box::new(BodyWatch { quiet: IdleTimer::new(rt.timeouts.client.get()), stalled: stalled.clone(), counters: counters.clone() })
         }),
         inner: body,
     });
@@ -484,8 +482,6 @@ async fn route_and_forward(
         }
     }
     let home = if never { Home::Client(client.clone()) } else { Home::Pool };
-    // The frontend's bytes are counted at the client socket; these count what came from the server.
-    let counters = [be.counters.clone(), lease.state.counters.clone()];
     response.map(|body| {
         let done = Done { _lease: lease, _in_flight: in_flight, sender, home };
         ResponseBody { inner: body, quiet: IdleTimer::new(server_timeout), counters, done: Some(done) }.boxed()
