@@ -2,6 +2,7 @@
 //! on loopback to try lbctl against.
 
 mod admin;
+mod alloc;
 mod balance;
 mod config;
 mod daemon;
@@ -21,7 +22,7 @@ use tracing_subscriber::EnvFilter;
 /// mimalloc: the data plane allocates and frees small objects on two threads
 /// for every request, where it beats the system allocator.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 #[derive(Parser)]
 #[command(name = "lbnode", version, about = "A raftlb node: load balancer with Raft-replicated config, health and VIP")]
