@@ -32,6 +32,8 @@ pub struct NodeConfig {
     pub bind_rewrite: BTreeMap<IpAddr, IpAddr>,
     /// Threads that carry traffic; defaults to one per core.
     pub threads: Option<usize>,
+    /// The CPUs those threads run on: `auto`, `none` or a list like `0-3,6`.
+    pub cpus: Option<Cpus>,
     /// Source address of connections to servers (traffic and health checks),
     /// as HAProxy's `source`; the kernel chooses when absent.
     pub source: Option<IpAddr>,
@@ -191,6 +193,11 @@ pub struct Overrides {
     /// Threads that carry traffic (default: one per core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// CPUs the traffic threads run on, one each in turn: a list like 0-3,6,
+    /// `none`, or `auto` (default: one CPU per thread when there are as many
+    /// threads as CPUs this node may use).
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<Cpus>,
     /// Source address of connections to servers (traffic and health checks).
     #[arg(long, value_name = "IP")]
     pub source: Option<IpAddr>,
@@ -214,6 +221,8 @@ pub struct Resolved {
     pub settings: Settings,
     pub bind_rewrite: BindRewrite,
     pub threads: usize,
+    /// The CPU each traffic thread runs on, by thread; empty: where the kernel puts them.
+    pub worker_cpus: Vec<usize>,
     pub listen: SocketAddr,
     pub monitor: Option<SocketAddr>,
     pub source: Option<IpAddr>,
@@ -277,6 +286,7 @@ impl Overrides {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        let worker_cpus = self.cpus.or(file.cpus).unwrap_or(Cpus::Auto).place(threads, &allowed_cpus()?)?;
         let c = &file.self_check;
         if c.interval.is_zero() || c.fall == 0 || c.rise == 0 {
             bail!(
@@ -313,6 +323,7 @@ impl Overrides {
             settings,
             bind_rewrite,
             threads,
+            worker_cpus,
             listen,
             monitor: self.monitor.or(file.monitor),
             source: self.source.or(file.source),
@@ -321,6 +332,111 @@ impl Overrides {
             log: file.log,
         })
     }
+}
+
+/// Where the traffic threads run (`cpus`). A thread serves its connections
+/// from start to end, so two threads sharing a CPU take turns a whole
+/// scheduler tick each, and the connections of the one waiting stall that
+/// long: a thread of its own per CPU keeps the latency even. HAProxy's
+/// `cpu-map`, nginx's `worker_cpu_affinity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cpus {
+    /// One CPU each when there are exactly as many threads as CPUs this node
+    /// may run on (a machine or a cpuset given to the balancer); otherwise the
+    /// kernel places the threads, as other work shares the CPUs.
+    Auto,
+    /// The kernel places the threads.
+    None,
+    /// Thread i runs on the i-th CPU listed, starting over when there are
+    /// more threads than CPUs.
+    List(Vec<usize>),
+}
+
+impl Cpus {
+    /// The CPU of each of `threads` threads, given the CPUs this node may run
+    /// on; empty when the kernel places them.
+    pub fn place(&self, threads: usize, allowed: &[usize]) -> anyhow::Result<Vec<usize>> {
+        let list = match self {
+            Cpus::Auto if threads == allowed.len() => allowed,
+            Cpus::Auto | Cpus::None => return Ok(Vec::new()),
+            Cpus::List(list) => {
+                if let Some(cpu) = list.iter().find(|c| !allowed.contains(c)) {
+                    bail!(
+                        "cpus: CPU {cpu} is not one this node may run on (it may use {}): list CPUs among those, or give `auto` or `none`",
+                        cpu_list(allowed)
+                    );
+                }
+                list
+            }
+        };
+        Ok((0..threads).map(|i| list[i % list.len()]).collect())
+    }
+}
+
+impl std::str::FromStr for Cpus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a CPU list: write CPU numbers and ranges like 0-3,6, or `auto`, or `none`");
+        match s.trim() {
+            "auto" => return Ok(Cpus::Auto),
+            "none" => return Ok(Cpus::None),
+            _ => {}
+        }
+        let cpu = |n: &str| n.trim().parse::<usize>().ok().filter(|n| *n < nix::sched::CpuSet::count()).ok_or_else(bad);
+        let mut list = Vec::new();
+        for item in s.split(',') {
+            match item.split_once('-') {
+                Some((first, last)) => {
+                    let (first, last) = (cpu(first)?, cpu(last)?);
+                    if first > last {
+                        return Err(bad());
+                    }
+                    list.extend(first..=last);
+                }
+                None => list.push(cpu(item)?),
+            }
+        }
+        Ok(Cpus::List(list))
+    }
+}
+
+impl<'de> Deserialize<'de> for Cpus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// `cpus: 3` is a list of one, as `cpus: "3"`.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            One(usize),
+            List(String),
+        }
+        match Text::deserialize(d)? {
+            Text::One(cpu) => cpu.to_string().parse(),
+            Text::List(s) => s.parse(),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("cannot read the CPUs this node may run on")?;
+    Ok((0..nix::sched::CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).collect())
+}
+
+/// CPUs as ranges: `0-3,6`.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i { format!("{}-{}", cpus[i], cpus[j]) } else { cpus[i].to_string() });
+        i = j + 1;
+    }
+    out.join(",")
 }
 
 #[cfg(test)]
@@ -396,5 +512,51 @@ mod tests {
         assert!(base.clone().resolve().unwrap_err().to_string().contains("--advertise"));
         let r = Overrides { advertise: Some("10.0.0.1:7001".into()), ..base }.resolve().unwrap();
         assert_eq!(r.settings.addr, "10.0.0.1:7001");
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_bad_ones_are_refused_with_the_value() {
+        assert_eq!("auto".parse::<Cpus>().unwrap(), Cpus::Auto);
+        assert_eq!("none".parse::<Cpus>().unwrap(), Cpus::None);
+        assert_eq!("0-3,6".parse::<Cpus>().unwrap(), Cpus::List(vec![0, 1, 2, 3, 6]));
+        assert_eq!(" 2 ".parse::<Cpus>().unwrap(), Cpus::List(vec![2]));
+        for bad in ["", "1,", "3-1", "x", "0-", "-1", "1024", "all"] {
+            let err = bad.parse::<Cpus>().unwrap_err();
+            assert_eq!(err, format!("{bad:?} is not a CPU list: write CPU numbers and ranges like 0-3,6, or `auto`, or `none`"));
+        }
+        let (_d, path) = file("cpus: 1\n");
+        assert_eq!(NodeConfig::load(&path).unwrap().cpus, Some(Cpus::List(vec![1])));
+        let (_d, path) = file("cpus: 0-1,4\n");
+        assert_eq!(NodeConfig::load(&path).unwrap().cpus, Some(Cpus::List(vec![0, 1, 4])));
+        let (_d, path) = file("cpus: 0-x\n");
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("cpus") && err.contains("\"0-x\" is not a CPU list"), "{err}");
+    }
+
+    #[test]
+    fn threads_get_a_cpu_each_only_when_asked_or_when_they_match_the_cpus() {
+        let allowed = [0, 1, 2, 3];
+        assert_eq!(Cpus::Auto.place(4, &allowed).unwrap(), vec![0, 1, 2, 3], "one per CPU");
+        assert!(Cpus::Auto.place(2, &allowed).unwrap().is_empty(), "fewer threads than CPUs: the kernel places them");
+        assert!(Cpus::Auto.place(6, &allowed).unwrap().is_empty(), "more threads than CPUs: the kernel places them");
+        assert!(Cpus::None.place(4, &allowed).unwrap().is_empty());
+        assert_eq!(Cpus::List(vec![2, 3]).place(3, &allowed).unwrap(), vec![2, 3, 2], "in turn");
+        let err = Cpus::List(vec![1, 7]).place(2, &[0, 1, 2, 3, 6]).unwrap_err().to_string();
+        assert_eq!(err, "cpus: CPU 7 is not one this node may run on (it may use 0-3,6): list CPUs among those, or give `auto` or `none`");
+    }
+
+    #[test]
+    fn a_cpu_list_the_node_may_not_use_fails_the_config() {
+        let flags = Overrides {
+            id: Some(1),
+            listen: Some("127.0.0.1:7001".parse().unwrap()),
+            data_dir: Some("/tmp".into()),
+            cpus: Some(Cpus::List(vec![1023])),
+            ..Default::default()
+        };
+        let err = flags.clone().resolve().unwrap_err().to_string();
+        assert!(err.starts_with("cpus: CPU 1023 is not one this node may run on"), "{err}");
+        let r = Overrides { cpus: Some(Cpus::None), ..flags }.resolve().unwrap();
+        assert!(r.worker_cpus.is_empty());
     }
 }

@@ -25,7 +25,7 @@ use crate::vip::{VipManager, VipStatus};
 const HANDOFF_ON_STOP: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub async fn run(node: Resolved) -> anyhow::Result<()> {
-    let Resolved { settings, bind_rewrite, threads, listen, monitor, source, self_check, vip, .. } = node;
+    let Resolved { settings, bind_rewrite, threads, worker_cpus, listen, monitor, source, self_check, vip, .. } = node;
     // Bind first: a taken port fails before the data dir is touched.
     let incoming =
         TcpIncoming::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen} (--listen): {e}"))?.with_nodelay(Some(true));
@@ -44,7 +44,11 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
     if !cluster.is_initialized() {
         tracing::info!("not a member of a cluster yet: run `lbctl cluster init` on the first node, or `lbctl node add` on a member");
     }
-    let workers = Arc::new(Workers::start(threads).context("cannot start the data plane threads")?);
+    let workers = Arc::new(Workers::start(threads, &worker_cpus).context("cannot start the data plane threads")?);
+    match worker_cpus.as_slice() {
+        [] => tracing::info!(threads, "data plane threads placed by the kernel"),
+        cpus => tracing::info!(threads, ?cpus, "data plane threads pinned, one CPU each in turn"),
+    }
     let shared = Arc::new(Shared::new(workers.len(), source));
     let dataplane = DataPlane::new(shared.clone(), workers.clone(), bind_rewrite);
     let runtime = dataplane.subscribe();

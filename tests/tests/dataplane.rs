@@ -653,3 +653,60 @@ fn a_new_spec_is_live_on_every_node_within_100ms_of_commit() {
         assert!(took < Duration::from_millis(100), "node {} took {took:?}", i + 1);
     }
 }
+
+/// The CPUs each data plane thread of process `pid` may run on, by thread name.
+fn dataplane_cpus(pid: i32) -> Vec<(String, String)> {
+    let mut threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the node's threads")
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            let name = std::fs::read_to_string(task.join("comm")).ok()?.trim().to_owned();
+            let status = std::fs::read_to_string(task.join("status")).ok()?;
+            let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?.trim().to_owned();
+            name.starts_with("dataplane-").then_some((name, cpus))
+        })
+        .collect();
+    threads.sort();
+    threads
+}
+
+#[test]
+fn data_plane_threads_run_on_the_cpus_the_node_config_names_and_still_serve() {
+    // The last CPU this test may use, which the node may use too.
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpu = (0..nix::sched::CpuSet::count()).rev().find(|c| allowed.is_set(*c).unwrap()).unwrap();
+    let c = Cluster::start_with_config(1, Some(&format!("threads: 2\ncpus: \"{cpu}\"\n")));
+    c.init();
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "pinned.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
+    wait_serving(&c, bind);
+    let want = vec![("dataplane-0".to_owned(), cpu.to_string()), ("dataplane-1".to_owned(), cpu.to_string())];
+    assert_eq!(dataplane_cpus(c.nodes[0].pid().unwrap()), want);
+    let before = a.hits();
+    for _ in 0..20 {
+        assert_eq!(get(c.nodes[0].frontend(bind), "/", &[]).unwrap().status, 200);
+    }
+    assert_eq!(a.hits() - before, 20);
+    assert!(c.nodes[0].log().contains("data plane threads pinned"), "the log says where they run: {}", c.nodes[0].log());
+}
+
+#[test]
+fn a_cpu_list_the_node_cannot_use_stops_it_with_the_value_named() {
+    let dir = tempfile::TempDir::new().unwrap();
+    for (cpus, want) in [
+        ("0-x", "invalid value '0-x' for '--cpus <LIST>': \"0-x\" is not a CPU list: write CPU numbers and ranges like 0-3,6, or `auto`, or `none`"),
+        ("1023", "cpus: CPU 1023 is not one this node may run on (it may use"),
+    ] {
+        let out = std::process::Command::new(raftlb_tests::binary("lbnode"))
+            .args(["--id", "1", "--listen", &format!("127.0.0.1:{}", raftlb_tests::free_port()), "--cpus", cpus])
+            .arg("--data-dir")
+            .arg(dir.path().join("node"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(want), "--cpus {cpus}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert!(!dir.path().join("node").exists(), "a refused config touches no data dir");
+}

@@ -14,6 +14,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+use anyhow::Context;
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 use tokio::runtime::Handle;
 
 thread_local! {
@@ -44,16 +47,31 @@ impl Drop for Placed {
 }
 
 impl Workers {
-    /// Starts `n` worker threads; they run until the process ends.
-    pub fn start(n: usize) -> std::io::Result<Workers> {
+    /// Starts `n` worker threads; they run until the process ends. Worker i
+    /// runs on CPU `cpus[i]` when `cpus` is not empty (see the node config's
+    /// `cpus`).
+    pub fn start(n: usize, cpus: &[usize]) -> anyhow::Result<Workers> {
+        let n = n.max(1);
         let mut handles = Vec::with_capacity(n);
-        for i in 0..n.max(1) {
+        let (pinned, pins) = std::sync::mpsc::channel();
+        for i in 0..n {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
+            let cpu = cpus.get(i).copied();
+            let pinned = pinned.clone();
             std::thread::Builder::new().name(format!("dataplane-{i}")).spawn(move || {
+                let pin = cpu.map_or(Ok(()), pin_to);
+                let failed = pin.is_err();
+                let _ = pinned.send(pin.with_context(|| format!("cannot run data plane thread {i} on CPU {}", cpu.unwrap_or_default())));
+                if failed {
+                    return;
+                }
                 WORKER.with(|w| w.set(i));
                 runtime.block_on(std::future::pending::<()>());
             })?;
+        }
+        for _ in 0..n {
+            pins.recv().context("a data plane thread ended while starting")??;
         }
         let load = handles.iter().map(|_| AtomicUsize::new(0)).collect();
         Ok(Workers { handles, load })
@@ -100,13 +118,21 @@ impl Workers {
     }
 }
 
+/// Keeps the calling thread on `cpu`.
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_connection_goes_to_a_worker_that_serves_clearly_fewer() {
-        let workers = Arc::new(Workers::start(2).unwrap());
+        let workers = Arc::new(Workers::start(2, &[]).unwrap());
         // Balanced: each worker keeps what it accepts.
         let first = workers.place(0);
         let second = workers.place(1);
@@ -122,5 +148,34 @@ mod tests {
         // Connections that end are no longer counted.
         drop(more);
         assert_eq!(workers.load.iter().map(|l| l.load(Relaxed)).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    /// The CPUs the calling thread may run on.
+    fn my_cpus() -> Vec<usize> {
+        let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).unwrap();
+        (0..CpuSet::count()).filter(|c| set.is_set(*c).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_pinned_worker_runs_only_on_its_cpu_and_an_unpinned_one_anywhere() {
+        let all = my_cpus();
+        let last = *all.last().unwrap();
+        let workers = Workers::start(2, &[last, last]).unwrap();
+        let unpinned = Workers::start(1, &[]).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            for i in 0..2 {
+                let cpus = workers.handles[i].spawn(async { my_cpus() }).await.unwrap();
+                assert_eq!(cpus, vec![last], "worker {i} is pinned");
+            }
+            assert_eq!(unpinned.handles[0].spawn(async { my_cpus() }).await.unwrap(), all, "the kernel places it");
+        });
+        assert_eq!(my_cpus(), all, "the starting thread keeps its CPUs");
+    }
+
+    #[test]
+    fn a_cpu_the_thread_cannot_use_fails_the_start() {
+        let err = Workers::start(1, &[CpuSet::count() - 1]).err().expect("CPU 1023 does not exist here");
+        assert!(format!("{err:#}").contains("cannot run data plane thread 0 on CPU 1023"), "{err:#}");
     }
 }
