@@ -44,12 +44,14 @@ bench_cleanup() {
   rm -rf "$work"
 }
 
-# bench_haproxy_http THREADS: HAProxy's configuration with THREADS threads and
+# bench_haproxy_http THREADS [CPUS]: HAProxy's configuration with THREADS
+# threads (thread N on the Nth CPU of the list CPUS, like 0-1, if given) and
 # an HTTP frontend on 127.0.0.1:28101 that keeps client and server connections.
 bench_haproxy_http() {
   cat <<CONF
 global
   nbthread $1
+  ${2:+cpu-map auto:1/1-$1 $2}
   maxconn 8000
 defaults
   timeout connect 5s

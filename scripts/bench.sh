@@ -8,7 +8,9 @@
 #   scripts/bench.sh                      # 10 s per run, 64 connections, 2 threads
 #   DURATION=30s CONNS=128 scripts/bench.sh
 #
-# Both proxies get THREADS threads (HAProxy nbthread, lbnode --threads).
+# Both proxies get THREADS threads (HAProxy nbthread, lbnode --threads),
+# each thread on a CPU of its own (HAProxy cpu-map, lbnode --cpus) while
+# there are CPUs enough; PIN=no leaves both to the kernel's placement.
 # LBNODE=path runs another lbnode binary (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +19,16 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 WRK_THREADS=${WRK_THREADS:-2}
+PIN=${PIN:-yes}
+cpus=""
+[ "$PIN" = yes ] && [ "$THREADS" -le "$(nproc)" ] && cpus="0-$((THREADS - 1))"
 
 # shellcheck source=scripts/bench-common.sh
 source scripts/bench-common.sh
 bench_setup haproxy nginx-light wrk
 
 {
-  bench_haproxy_http "$THREADS"
+  bench_haproxy_http "$THREADS" "$cpus"
   cat <<CONF
 frontend tcp
   mode tcp
@@ -37,7 +42,7 @@ CONF
 haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
 pids+=($!)
 
-RUST_LOG=warn "$LBNODE" --threads "$THREADS" --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
+RUST_LOG=warn "$LBNODE" --threads "$THREADS" --cpus "${cpus:-none}" --id 1 --listen 127.0.0.1:28200 --data-dir "$work/lbnode" 2>"$work/lbnode.log" &
 pids+=($!)
 cat > "$work/spec.yaml" <<SPEC
 defaults:
@@ -76,7 +81,7 @@ run() {
   echo "$rps $p50 $p99"
 }
 
-printf 'raftlb benchmark: %s per run, %s connections, %s wrk threads, %s proxy threads, %s cores\n' "$DURATION" "$CONNS" "$WRK_THREADS" "$THREADS" "$(nproc)"
+printf 'raftlb benchmark: %s per run, %s connections, %s wrk threads, %s proxy threads (CPUs: %s), %s cores\n' "$DURATION" "$CONNS" "$WRK_THREADS" "$THREADS" "${cpus:-not pinned}" "$(nproc)"
 printf '%s\n\n' "$(haproxy -v | head -1 | cut -d' ' -f1-3); lbnode $("$LBNODE" --version | cut -d' ' -f2); $(nginx -v 2>&1 | cut -d' ' -f3) backend"
 printf '%-22s %-8s %10s %9s %9s\n' scenario proxy "req/s" "p50 ms" "p99 ms"
 for scenario in "http-keepalive|28101|28201|" "http-close|28101|28201|-H Connection: close" "tcp|28102|28202|"; do
