@@ -292,6 +292,24 @@ fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_or_silent_clie
 }
 
 #[test]
+fn a_client_that_shuts_its_side_after_the_request_still_gets_the_response() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "half.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
+    wait_serving(&c, bind);
+    // The server takes its time: the end of the client's stream arrives
+    // while the request is with the server, and must not end the exchange.
+    for (path, close) in [("/slow?ms=300", ""), ("/slow?ms=300", "Connection: close\r\n"), ("/", "")] {
+        let mut s = connect(bind, None).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: lb.test\r\n{close}\r\n").as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let r = client::read_reply(&mut BufReader::new(s)).unwrap_or_else(|e| panic!("{path} {close:?}: no response: {e}"));
+        assert_eq!(r.status, 200, "{path} {close:?}");
+    }
+}
+
+#[test]
 fn the_client_timeout_ends_a_stalled_upload_with_408_and_cuts_a_client_that_stops_reading() {
     let c = Cluster::formed(1);
     let a = http_server("a", "127.0.0.1:0");

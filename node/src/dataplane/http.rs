@@ -189,7 +189,14 @@ impl Drop for InFlight {
 
 /// Serves one client connection until it closes.
 /// `rt` is the spec version `fe` belongs to; `runtime` tells of newer ones.
-pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+pub async fn serve(
+    runtime: RuntimeWatch,
+    rt: Arc<Runtime>,
+    fe: Arc<FrontendRt>,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
     let (head_timeout, idle_timeout, client_timeout) =
         (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get(), rt.timeouts.client.get());
     let server_timeout = rt.timeouts.server.get();
@@ -199,14 +206,13 @@ pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>,
     let returned = Arc::new(Mutex::new(None));
     let conn = Arc::new(ConnState::default());
     let io = ClientIo {
-        inner: Some(stream),
+        inner: Some(ClientSocket::Direct(stream)),
         returned: returned.clone(),
         head: head_timeout,
         idle: idle_timeout,
         waiting_since: tokio::time::Instant::now(),
         head_started: None,
         kept_alive: false,
-        fresh: true,
         wait: IdleTimer::new(head_timeout),
         write_blocked: IdleTimer::new(client_timeout),
         conn: conn.clone(),
@@ -229,6 +235,12 @@ pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>,
     let result = hyper::server::conn::http1::Builder::new()
         .max_header_size(MAX_HEAD)
         .keep_alive(true)
+        // A client may shut its side after its request and still get the
+        // response, as with HAProxy; and hyper does not read while a response
+        // is on its way, to find whether the client left (HAProxy does not
+        // watch for that either unless told to: `option abortonclose`), so a
+        // short connection's socket need not be registered with the reactor.
+        .half_close(true)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
         .await;
@@ -240,8 +252,8 @@ pub async fn serve(runtime: RuntimeWatch, rt: Arc<Runtime>, fe: Arc<FrontendRt>,
             Counters::add(&fe.counters.errors, 1);
             fe.counters.response(408);
             let reply = canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
-            let stream = returned.lock().expect("returned socket lock").take();
-            if let Some(mut stream) = stream {
+            let socket = returned.lock().expect("returned socket lock").take();
+            if let Some(mut stream) = socket.and_then(|s| s.polled().ok()) {
                 // Bounded: a client that reads nothing does not keep the connection.
                 let _ = tokio::time::timeout(client_timeout, stream.write_all(&reply)).await;
                 let _ = stream.shutdown().await;
@@ -749,10 +761,10 @@ impl Body for ResponseBody {
 /// `http_request`) as an end of stream, which hyper closes quietly. hyper's
 /// own head timer would cost a timer per request; this one timer is reused.
 struct ClientIo {
-    /// Always `Some` until dropped.
-    inner: Option<TcpStream>,
+    /// `Some` until dropped, unless registering it with the reactor failed.
+    inner: Option<ClientSocket>,
     /// Where the socket goes when hyper drops it.
-    returned: Arc<Mutex<Option<TcpStream>>>,
+    returned: Arc<Mutex<Option<ClientSocket>>>,
     head: Duration,
     idle: Duration,
     /// When the wait for the next request began: the connection's start or the last write.
@@ -762,8 +774,6 @@ struct ClientIo {
     head_started: Option<tokio::time::Instant>,
     /// A response was written: the connection waits as a kept-alive one.
     kept_alive: bool,
-    /// Nothing was read yet.
-    fresh: bool,
     /// The one timer of the wait, for the head or for the idle connection.
     wait: IdleTimer,
     /// A client that stops reading blocks our writes: `timeouts.client` ends it.
@@ -772,9 +782,42 @@ struct ClientIo {
     counters: Arc<Counters>,
 }
 
+/// A client's socket, read and written directly until a read or a write
+/// would block, and only then registered with the worker's reactor: a short
+/// connection (its request there at once, its response taken at once, then
+/// closed) is served without the two `epoll_ctl` calls a registration and its
+/// removal cost, as HAProxy serves it. Going through the reactor first would
+/// also wait for it to report the request that is already there.
+enum ClientSocket {
+    Direct(std::net::TcpStream),
+    Polled(TcpStream),
+}
+
+impl ClientSocket {
+    /// The socket registered with the reactor of the worker running the caller.
+    fn polled(self) -> std::io::Result<TcpStream> {
+        match self {
+            ClientSocket::Direct(stream) => TcpStream::from_std(stream),
+            ClientSocket::Polled(stream) => Ok(stream),
+        }
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "the client socket could not be registered with the reactor")
+}
+
 impl ClientIo {
-    fn stream(&mut self) -> Pin<&mut TcpStream> {
-        Pin::new(self.inner.as_mut().expect("the socket is there until the I/O is dropped"))
+    /// The socket, registered from now on: a read or write found it not ready.
+    fn polled(&mut self) -> std::io::Result<Pin<&mut TcpStream>> {
+        if let Some(ClientSocket::Direct(_)) = self.inner {
+            let direct = self.inner.take().ok_or_else(gone)?;
+            self.inner = Some(ClientSocket::Polled(direct.polled()?));
+        }
+        match self.inner.as_mut() {
+            Some(ClientSocket::Polled(stream)) => Ok(Pin::new(stream)),
+            _ => Err(gone()),
+        }
     }
 
     /// When the wait for a request ends if none begins: `http_request` after
@@ -803,28 +846,6 @@ impl ClientIo {
         self.conn.head_timed_out.store(true, Relaxed);
         let limit = self.head;
         Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no complete request head within {limit:?}"))))
-    }
-
-    /// The first read of a new connection goes straight to the socket: the
-    /// request is usually there already (clients send it right after the
-    /// connect), and tokio would first wait for the reactor to say so, at
-    /// the cost of a timer, a wake-up and a pass through the reactor.
-    fn first_read(&mut self, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
-        if !std::mem::take(&mut self.fresh) {
-            return None;
-        }
-        let stream = self.inner.as_ref()?;
-        // SAFETY: recv only writes bytes, and only the `n` it wrote are marked filled.
-        match socket2::SockRef::from(stream).recv(unsafe { buf.unfilled_mut() }) {
-            Ok(n) => {
-                // SAFETY: recv initialised the first `n` bytes of the unfilled part.
-                unsafe { buf.assume_init(n) };
-                buf.advance(n);
-                Some(Ok(()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-            Err(e) => Some(Err(e)),
-        }
     }
 
     /// `n` bytes of a response went out: the wait for the next request
@@ -864,12 +885,24 @@ impl Drop for ClientIo {
 
 impl AsyncRead for ClientIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        // tokio's own read: a short read tells the socket is drained, which
-        // saves a read that would only find nothing.
         let before = buf.filled().len();
-        let read = match self.first_read(buf) {
-            Some(read) => Poll::Ready(read),
-            None => self.stream().poll_read(cx, buf),
+        let read = match &self.inner {
+            Some(ClientSocket::Direct(stream)) => {
+                // SAFETY: recv only writes bytes, and only the `n` it wrote are marked filled.
+                match socket2::SockRef::from(stream).recv(unsafe { buf.unfilled_mut() }) {
+                    Ok(n) => {
+                        // SAFETY: recv initialised the first `n` bytes of the unfilled part.
+                        unsafe { buf.assume_init(n) };
+                        buf.advance(n);
+                        Poll::Ready(Ok(()))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.polled()?.poll_read(cx, buf),
+                    Err(e) => Poll::Ready(Err(e)),
+                }
+            }
+            // tokio's own read: a short read tells the socket is drained, which
+            // saves a read that would only find nothing.
+            _ => self.polled()?.poll_read(cx, buf),
         };
         match read {
             Poll::Ready(Ok(())) => {
@@ -888,7 +921,18 @@ impl AsyncRead for ClientIo {
 
 impl AsyncWrite for ClientIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        let written = match self.stream().poll_write(cx, data) {
+        let direct = match &self.inner {
+            Some(ClientSocket::Direct(stream)) => match std::io::Write::write(&mut &*stream, data) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                other => Some(other),
+            },
+            _ => None,
+        };
+        let polled = match direct {
+            Some(written) => Poll::Ready(written),
+            None => self.polled()?.poll_write(cx, data),
+        };
+        let written = match polled {
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return self.write_pending(cx),
@@ -907,7 +951,10 @@ impl AsyncWrite for ClientIo {
             // The 408 goes out first, once hyper has let go of the socket.
             return Poll::Ready(Ok(()));
         }
-        self.stream().poll_shutdown(cx)
+        match &self.inner {
+            Some(ClientSocket::Direct(stream)) => Poll::Ready(stream.shutdown(std::net::Shutdown::Write)),
+            _ => self.polled()?.poll_shutdown(cx),
+        }
     }
 }
 

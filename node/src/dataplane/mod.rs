@@ -197,15 +197,15 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         let worker = placed.worker;
         let serve = async move {
             let _slots = (node_slot, fe_slot, placed);
-            // Registered with the reactor of the worker that serves it.
-            // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
-            let stream = match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(e) => return tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
-            };
             let _session = fe.counters.session();
+            // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
             match fe.spec.mode {
-                Mode::Tcp => tcp::serve(rt, fe.clone(), stream, peer, addr).await,
+                // Registered with the reactor of the worker that serves it.
+                Mode::Tcp => match TcpStream::from_std(stream) {
+                    Ok(stream) => tcp::serve(rt, fe.clone(), stream, peer, addr).await,
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
+                },
+                // Registered once it has to wait (see `http::ClientSocket`).
                 Mode::Http => http::serve(runtime, rt, fe.clone(), stream, peer, addr).await,
             }
         };
