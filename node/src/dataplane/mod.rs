@@ -165,8 +165,8 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         };
         // At maxconn (the node's or the frontend's) no connection is accepted:
         // new clients wait in the kernel's backlog, as with HAProxy.
-        let Ok(node_slot) = rt.node_slots.clone().acquire_owned().await else { return };
-        let Ok(fe_slot) = fe.slots.clone().acquire_owned().await else { return };
+        let node_slot = rt.node_slots.take().await;
+        let fe_slot = fe.slots.take().await;
         let accepted = match pending.try_io(|l| accept(l.get_ref())) {
             Ok(accepted) => accepted,
             // Nobody waits any more (the client gave up): wait for the next one.

@@ -7,14 +7,14 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raftlb_proto::spec::{Backend, Frontend, Server, Spec, Timeouts};
 use raftlb_raft::AdminState;
 use smallvec::SmallVec;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use super::http::Pool;
 use crate::balance::{Balancer, Candidate};
@@ -39,7 +39,7 @@ pub struct Runtime {
     pub retries: u32,
     pub redispatch: bool,
     /// The node-wide connection limit (`defaults.maxconn`).
-    pub node_slots: Arc<Semaphore>,
+    pub node_slots: Arc<Slots>,
     /// Each bind address this node listens on (after the rewrite), to the frontend it serves.
     pub by_bind: FastMap<SocketAddr, Arc<FrontendRt>>,
     pub backends: FastMap<String, Arc<BackendRt>>,
@@ -48,7 +48,7 @@ pub struct Runtime {
 pub struct FrontendRt {
     pub spec: Frontend,
     pub counters: Arc<Counters>,
-    pub slots: Arc<Semaphore>,
+    pub slots: Arc<Slots>,
 }
 
 pub struct BackendRt {
@@ -125,7 +125,7 @@ pub struct Shared {
     workers: usize,
     servers: Mutex<HashMap<(String, String, SocketAddr), Arc<ServerState>>>,
     backends: Mutex<HashMap<String, Arc<BackendShared>>>,
-    slots: Mutex<HashMap<(String, u64), Arc<Semaphore>>>,
+    slots: Mutex<HashMap<(String, u64), Arc<Slots>>>,
 }
 
 impl Shared {
@@ -133,9 +133,8 @@ impl Shared {
         Shared { workers, source, ..Default::default() }
     }
 
-    fn slots(&self, key: &str, n: u64) -> Arc<Semaphore> {
-        let n = n.min(Semaphore::MAX_PERMITS as u64);
-        self.slots.lock().expect("slots lock").entry((key.to_owned(), n)).or_insert_with(|| Arc::new(Semaphore::new(n as usize))).clone()
+    fn slots(&self, key: &str, n: u64) -> Arc<Slots> {
+        self.slots.lock().expect("slots lock").entry((key.to_owned(), n)).or_insert_with(|| Arc::new(Slots::new(n))).clone()
     }
 
     /// Compiles a validated spec; `rewrite` places this node's frontends.
@@ -205,6 +204,73 @@ impl Shared {
             balancer: Balancer::new(b.balance),
             counters: self.stats.backend(&b.name),
             shared: self.backends.lock().expect("backend table lock").entry(b.name.clone()).or_default().clone(),
+        }
+    }
+}
+
+/// A connection limit (`maxconn` of the node or of a frontend): slots taken
+/// by open connections, and a wake-up for the accept loops that wait for
+/// one. Taking and freeing a slot is one atomic operation each while nobody
+/// waits (a semaphore takes a lock to give a permit back).
+pub struct Slots {
+    limit: u64,
+    taken: AtomicU64,
+    /// Accept loops waiting for a slot: a release wakes them only if there are any.
+    waiting: AtomicUsize,
+    freed: Notify,
+}
+
+/// One slot of a [`Slots`], freed on drop.
+pub struct Slot(Arc<Slots>);
+
+impl Slots {
+    pub fn new(limit: u64) -> Slots {
+        Slots { limit, taken: AtomicU64::new(0), waiting: AtomicUsize::new(0), freed: Notify::new() }
+    }
+
+    fn try_take(&self) -> bool {
+        self.taken.fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1)).is_ok()
+    }
+
+    /// A slot, once one is free.
+    pub async fn take(self: &Arc<Self>) -> Slot {
+        if self.try_take() {
+            return Slot(self.clone());
+        }
+        self.waiting.fetch_add(1, Relaxed);
+        // Counted as waiting until this returns or the wait is dropped.
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            // Registered before the look, so a release between the look and
+            // the wait is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            // Pairs with the fence in `Slot::drop`: either this look sees the
+            // freed slot, or that release sees this waiter and wakes it.
+            fence(SeqCst);
+            if self.try_take() {
+                return Slot(self.clone());
+            }
+            freed.await;
+        }
+    }
+}
+
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Relaxed);
+        fence(SeqCst);
+        if self.0.waiting.load(Relaxed) > 0 {
+            self.0.freed.notify_waiters();
         }
     }
 }
@@ -457,6 +523,33 @@ mod tests {
         drop(held);
         assert_eq!(waiter.await.unwrap(), Ok(0), "a released slot goes to the queue");
         assert_eq!(be.counters.queue_current.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_limit_holds_the_next_connection_until_a_slot_frees() {
+        let slots = Arc::new(Slots::new(2));
+        let (first, _second) = (slots.take().await, slots.take().await);
+        let third = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!third.is_finished(), "both slots are taken");
+        assert_eq!(slots.waiting.load(Relaxed), 1);
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(1), third).await.expect("a freed slot goes to the waiter").unwrap();
+        assert_eq!((slots.taken.load(Relaxed), slots.waiting.load(Relaxed)), (2, 0));
+        // A wait given up (its accept loop stopped) is no longer counted.
+        let given_up = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        given_up.abort();
+        let _ = given_up.await;
+        assert_eq!(slots.waiting.load(Relaxed), 0);
+        drop(third);
+        assert_eq!(slots.taken.load(Relaxed), 1);
     }
 
     #[tokio::test]
