@@ -237,7 +237,14 @@ impl NodeConfig {
         let de = serde_norway::Deserializer::from_str(&text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path_in_file = e.path().to_string();
-            anyhow::anyhow!("{}: {path_in_file}: {}", path.display(), e.into_inner())
+            let message = e.into_inner().to_string();
+            // The YAML parser names where it was too (the key, or the section
+            // holding an unknown key): said once is enough.
+            let message = match message.split_once(": ") {
+                Some((at, rest)) if path_in_file == at || path_in_file.starts_with(&format!("{at}.")) => rest.to_owned(),
+                _ => message,
+            };
+            anyhow::anyhow!("{}: {path_in_file}: {message}", path.display())
         })
     }
 }
@@ -403,18 +410,33 @@ impl std::str::FromStr for Cpus {
 
 impl<'de> Deserialize<'de> for Cpus {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        /// `cpus: 3` is a list of one, as `cpus: "3"`.
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Text {
-            One(usize),
-            List(String),
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Cpus;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a CPU list like \"0-3,6\" or [0, 1], or `auto`, or `none`")
+            }
+
+            /// `cpus: 3` is a list of one, as `cpus: "3"`.
+            fn visit_u64<E: serde::de::Error>(self, cpu: u64) -> Result<Cpus, E> {
+                cpu.to_string().parse().map_err(E::custom)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Cpus, E> {
+                s.parse().map_err(E::custom)
+            }
+
+            /// `cpus: [0, 1]`, as `cpus: "0,1"`.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Cpus, A::Error> {
+                let mut cpus = Vec::new();
+                while let Some(cpu) = seq.next_element::<u64>()? {
+                    cpus.push(cpu.to_string());
+                }
+                cpus.join(",").parse().map_err(serde::de::Error::custom)
+            }
         }
-        match Text::deserialize(d)? {
-            Text::One(cpu) => cpu.to_string().parse(),
-            Text::List(s) => s.parse(),
-        }
-        .map_err(serde::de::Error::custom)
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -494,7 +516,7 @@ mod tests {
     fn an_unknown_key_in_the_file_is_refused_with_its_path() {
         let (_d, path) = file("id: 1\nraft:\n  hearbeat: 40ms\n");
         let err = Overrides { config: Some(path), ..Default::default() }.resolve().unwrap_err().to_string();
-        assert!(err.contains("raft.hearbeat") && err.contains("unknown field `hearbeat`"), "{err}");
+        assert!(err.contains("node.yaml: raft.hearbeat: unknown field `hearbeat`"), "the path once, then the reason: {err}");
     }
 
     #[test]
@@ -528,9 +550,18 @@ mod tests {
         assert_eq!(NodeConfig::load(&path).unwrap().cpus, Some(Cpus::List(vec![1])));
         let (_d, path) = file("cpus: 0-1,4\n");
         assert_eq!(NodeConfig::load(&path).unwrap().cpus, Some(Cpus::List(vec![0, 1, 4])));
-        let (_d, path) = file("cpus: 0-x\n");
-        let err = NodeConfig::load(&path).unwrap_err().to_string();
-        assert!(err.contains("cpus") && err.contains("\"0-x\" is not a CPU list"), "{err}");
+        let (_d, path) = file("cpus: [2, 3]\n");
+        assert_eq!(NodeConfig::load(&path).unwrap().cpus, Some(Cpus::List(vec![2, 3])));
+        for (yaml, says) in [
+            ("0-x", "\"0-x\" is not a CPU list"),
+            ("-1", "expected a CPU list like \"0-3,6\" or [0, 1], or `auto`, or `none`"),
+            ("[]", "\"\" is not a CPU list"),
+            ("{ a: 1 }", "expected a CPU list"),
+        ] {
+            let (_d, path) = file(&format!("cpus: {yaml}\n"));
+            let err = NodeConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(": cpus: ") && err.contains(says), "{yaml}: {err}");
+        }
     }
 
     #[test]
