@@ -26,6 +26,16 @@ fn wait_serving(c: &Cluster, bind: SocketAddr) {
     wait_for(Duration::from_secs(5), "the frontend to serve", || get(at, "/", &[]).ok().filter(|r| r.status == 200).map(|_| ()));
 }
 
+/// One HTTP server, `a`, behind a frontend of [`http_spec`] applied to node 1
+/// as `file`; returns once node 1 serves it.
+fn serve_one(c: &Cluster, file: &str) -> (TestServer, SocketAddr) {
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(c, 1, file, &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
+    wait_serving(c, bind);
+    (a, bind)
+}
+
 fn http_spec(bind: SocketAddr, backend_extra: &str, servers: &str) -> String {
     format!(
         "defaults:\n  timeouts: {{ connect: 500ms, server: 1s, http_request: 1s, queue: 1s }}\n  retries: 2\nfrontends:\n  - name: web\n    bind: [\"{bind}\"]\n    mode: http\n    default_backend: app\nbackends:\n  - name: app\n{backend_extra}    servers:\n{servers}"
@@ -263,10 +273,7 @@ fn without_redispatch_a_retry_stays_on_the_refusing_server() {
 #[test]
 fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_or_silent_client_gets_408() {
     let c = Cluster::formed(1);
-    let a = http_server("a", "127.0.0.1:0");
-    let bind = front();
-    apply_spec(&c, 1, "t.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
-    wait_serving(&c, bind);
+    let (_server, bind) = serve_one(&c, "t.yaml");
 
     let started = Instant::now();
     let r = get(bind, "/stall", &[]).unwrap();
@@ -294,10 +301,7 @@ fn a_stalled_server_gives_504_after_the_server_timeout_and_a_slow_or_silent_clie
 #[test]
 fn a_client_that_shuts_its_side_after_the_request_still_gets_the_response() {
     let c = Cluster::formed(1);
-    let a = http_server("a", "127.0.0.1:0");
-    let bind = front();
-    apply_spec(&c, 1, "half.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
-    wait_serving(&c, bind);
+    let (_server, bind) = serve_one(&c, "half.yaml");
     // The server takes its time: the end of the client's stream arrives
     // while the request is with the server, and must not end the exchange.
     for (path, close) in [("/slow?ms=300", ""), ("/slow?ms=300", "Connection: close\r\n"), ("/", "")] {
@@ -412,10 +416,7 @@ fn hop_by_hop_headers_stop_at_the_proxy_and_ipv6_frontends_serve() {
 #[test]
 fn an_oversized_head_gets_431_and_garbage_gets_400() {
     let c = Cluster::formed(1);
-    let a = http_server("a", "127.0.0.1:0");
-    let bind = front();
-    apply_spec(&c, 1, "g.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
-    wait_serving(&c, bind);
+    let (a, bind) = serve_one(&c, "g.yaml");
     let hits = a.hits();
     let big = "x".repeat(100 * 1024);
     let raw = |bytes: &[u8]| {
@@ -576,10 +577,7 @@ fn the_queue_holds_requests_at_maxconn_and_answers_503_after_its_timeout() {
 #[test]
 fn a_websocket_upgrade_is_tunnelled_both_ways() {
     let c = Cluster::formed(1);
-    let a = http_server("a", "127.0.0.1:0");
-    let bind = front();
-    apply_spec(&c, 1, "ws.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
-    wait_serving(&c, bind);
+    let (_server, bind) = serve_one(&c, "ws.yaml");
     let mut s = connect(bind, None).unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: lb.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
@@ -695,10 +693,7 @@ fn data_plane_threads_run_on_the_cpus_the_node_config_names_and_still_serve() {
     let cpu = (0..nix::sched::CpuSet::count()).rev().find(|c| allowed.is_set(*c).unwrap()).unwrap();
     let c = Cluster::start_with_config(1, Some(&format!("threads: 2\ncpus: \"{cpu}\"\n")));
     c.init();
-    let a = http_server("a", "127.0.0.1:0");
-    let bind = front();
-    apply_spec(&c, 1, "pinned.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
-    wait_serving(&c, bind);
+    let (a, bind) = serve_one(&c, "pinned.yaml");
     let want = vec![("dataplane-0".to_owned(), cpu.to_string()), ("dataplane-1".to_owned(), cpu.to_string())];
     assert_eq!(dataplane_cpus(c.nodes[0].pid().unwrap()), want);
     let before = a.hits();
