@@ -440,8 +440,8 @@ impl<'de> Deserialize<'de> for Cpus {
     }
 }
 
-/// The CPUs this process may run on.
-fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+/// The CPUs the calling thread may run on (at start-up: those of the process).
+pub fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("cannot read the CPUs this node may run on")?;
     Ok((0..nix::sched::CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).collect())
 }

@@ -150,10 +150,8 @@ mod tests {
         assert_eq!(workers.load.iter().map(|l| l.load(Relaxed)).collect::<Vec<_>>(), vec![1, 2]);
     }
 
-    /// The CPUs the calling thread may run on.
     fn my_cpus() -> Vec<usize> {
-        let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).unwrap();
-        (0..CpuSet::count()).filter(|c| set.is_set(*c).unwrap()).collect()
+        crate::config::allowed_cpus().unwrap()
     }
 
     #[test]
