@@ -5,9 +5,14 @@
 # each, and the ratio lbnode / HAProxy. Run by hand, as root on Debian (it
 # installs haproxy, nginx-light and wrk if they are missing):
 #
-#   scripts/bench.sh                      # 10 s per run, 64 connections, 2 threads
+#   scripts/bench.sh                      # 10 s per run, 3 rounds, 64 connections, 2 threads
 #   DURATION=30s CONNS=128 scripts/bench.sh
 #
+# Each scenario runs ROUNDS times per proxy (default 3), alternating which
+# proxy goes first so a machine that speeds up or slows down during the run
+# favours neither; the table shows each proxy's medians and the ratio of the
+# median req/s, then every round's own ratio (one run on two shared cores
+# varies by about 5%).
 # Both proxies get THREADS threads (HAProxy nbthread, lbnode --threads),
 # each thread on a CPU of its own (HAProxy cpu-map, lbnode --cpus) while
 # there are CPUs enough; PIN=no leaves both to the kernel's placement.
@@ -20,6 +25,8 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 WRK_THREADS=${WRK_THREADS:-2}
 PIN=${PIN:-yes}
+ROUNDS=${ROUNDS:-3}
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number of 1 or more, not '$ROUNDS'" >&2; exit 2; }
 cpus=""
 [ "$PIN" = yes ] && [ "$THREADS" -le "$(nproc)" ] && cpus="0-$((THREADS - 1))"
 
@@ -66,7 +73,7 @@ done
 # wrk's latency in ms, whatever unit it printed.
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'; }
 
-# run NAME URL [wrk args...]: prints "rps p50 p99"
+# run URL [wrk args...]: prints "rps p50 p99"
 run() {
   local url=$1; shift
   wrk -t"$WRK_THREADS" -c"$CONNS" -d2s "$@" "$url" >/dev/null 2>&1 # warm-up
@@ -81,17 +88,31 @@ run() {
   echo "$rps $p50 $p99"
 }
 
-printf 'raftlb benchmark: %s per run, %s connections, %s wrk threads, %s proxy threads (CPUs: %s), %s cores\n' "$DURATION" "$CONNS" "$WRK_THREADS" "$THREADS" "${cpus:-not pinned}" "$(nproc)"
+# median VALUE...: the middle value (the mean of the two middle ones for an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { m = int((NR + 1) / 2); printf "%s", (NR % 2 ? v[m] : (v[m] + v[m + 1]) / 2) }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+printf 'raftlb benchmark: %s per run, %s rounds, %s connections, %s wrk threads, %s proxy threads (CPUs: %s), %s cores\n' "$DURATION" "$ROUNDS" "$CONNS" "$WRK_THREADS" "$THREADS" "${cpus:-not pinned}" "$(nproc)"
 printf '%s\n\n' "$(haproxy -v | head -1 | cut -d' ' -f1-3); lbnode $("$LBNODE" --version | cut -d' ' -f2); $(nginx -v 2>&1 | cut -d' ' -f3) backend"
 printf '%-22s %-8s %10s %9s %9s\n' scenario proxy "req/s" "p50 ms" "p99 ms"
 for scenario in "http-keepalive|28101|28201|" "http-close|28101|28201|-H Connection: close" "tcp|28102|28202|"; do
   IFS='|' read -r name hport lport extra <<<"$scenario"
   args=()
   [ -z "$extra" ] || args=(-H "${extra#-H }")
-  read -r hr h50 h99 < <(run "http://127.0.0.1:$hport/" "${args[@]}")
-  read -r lr l50 l99 < <(run "http://127.0.0.1:$lport/" "${args[@]}")
-  printf '%-22s %-8s %10s %9s %9s\n' "$name" haproxy "$hr" "$h50" "$h99"
-  printf '%-22s %-8s %10s %9s %9s   ratio %s, p99 %s\n' "$name" lbnode "$lr" "$l50" "$l99" \
-    "$(awk -v a="$lr" -v b="$hr" 'BEGIN { printf "%.2f", a / b }')" \
-    "$(awk -v a="$l99" -v b="$h99" 'BEGIN { print (a <= b ? "no worse" : "worse") }')"
+  hr=() h50=() h99=() lr=() l50=() l99=() rounds=()
+  for round in $(seq "$ROUNDS"); do
+    if ((round % 2)); then
+      read -r r a b < <(run "http://127.0.0.1:$hport/" "${args[@]}"); hr+=("$r") h50+=("$a") h99+=("$b")
+      read -r r a b < <(run "http://127.0.0.1:$lport/" "${args[@]}"); lr+=("$r") l50+=("$a") l99+=("$b")
+    else
+      read -r r a b < <(run "http://127.0.0.1:$lport/" "${args[@]}"); lr+=("$r") l50+=("$a") l99+=("$b")
+      read -r r a b < <(run "http://127.0.0.1:$hport/" "${args[@]}"); hr+=("$r") h50+=("$a") h99+=("$b")
+    fi
+    rounds+=("$(ratio "${lr[-1]}" "${hr[-1]}")")
+  done
+  hm=$(median "${hr[@]}") lm=$(median "${lr[@]}") h99m=$(median "${h99[@]}") l99m=$(median "${l99[@]}")
+  printf '%-22s %-8s %10.0f %9.2f %9.2f\n' "$name" haproxy "$hm" "$(median "${h50[@]}")" "$h99m"
+  printf '%-22s %-8s %10.0f %9.2f %9.2f   ratio %s, p99 %s; rounds %s\n' "$name" lbnode "$lm" "$(median "${l50[@]}")" "$l99m" \
+    "$(ratio "$lm" "$hm")" \
+    "$(awk -v a="$l99m" -v b="$h99m" 'BEGIN { print (a <= b ? "no worse" : "worse") }')" "${rounds[*]}"
 done
