@@ -4,15 +4,18 @@
 //! work-stealing runtime every request woke the other thread, and the
 //! context switches cost more than the proxying). Each worker accepts on a
 //! listening socket of its own (SO_REUSEPORT), and serves what it accepts
-//! unless another worker serves clearly fewer connections: the kernel's
-//! hash spreads a few long-lived connections unevenly (36 and 28 of 64 is
-//! usual), and HAProxy's listeners likewise pass a connection to a less
-//! loaded thread.
+//! unless another worker has served clearly fewer connections for a while:
+//! the kernel's hash spreads a few long-lived connections unevenly (36 and
+//! 28 of 64 is usual), and HAProxy's listeners likewise pass a connection to
+//! a less loaded thread. Short connections need no such help: the hash
+//! spreads them evenly on average, and their counts swing too fast for a
+//! hand-off (which wakes the other thread) to be worth it.
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sched::{sched_setaffinity, CpuSet};
@@ -28,10 +31,24 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// How long a worker's load is remembered when placing a connection: a
+/// difference must last about this long to move connections. Short
+/// connections (a few milliseconds each) swing the counts by several
+/// connections many times within it and average out; a difference in
+/// long-lived connections stays and is evened out by the next ones.
+const LOAD_MEMORY: Duration = Duration::from_millis(100);
+
 pub struct Workers {
     handles: Vec<Handle>,
     /// Client connections each worker serves now.
     load: Box<[AtomicUsize]>,
+    /// Each worker's load averaged over about LOAD_MEMORY (f64 bits), as of
+    /// `sampled` (nanoseconds since `epoch`). Samples are taken when a
+    /// connection is placed; two threads sampling at once may lose one,
+    /// which only makes the average a little older.
+    average: Box<[AtomicU64]>,
+    sampled: Box<[AtomicU64]>,
+    epoch: Instant,
 }
 
 /// A client connection counted on its worker until dropped.
@@ -74,20 +91,46 @@ impl Workers {
             pins.recv().context("a data plane thread ended while starting")??;
         }
         let load = handles.iter().map(|_| AtomicUsize::new(0)).collect();
-        Ok(Workers { handles, load })
+        let average = handles.iter().map(|_| AtomicU64::new(0f64.to_bits())).collect();
+        let sampled = handles.iter().map(|_| AtomicU64::new(0)).collect();
+        Ok(Workers { handles, load, average, sampled, epoch: Instant::now() })
     }
 
     /// The worker to serve a connection accepted on worker `accepted`: that
-    /// one, unless another serves clearly fewer connections (more than one
-    /// and an eighth fewer: a hand-off wakes the other thread, so a small
-    /// difference is left as it is).
+    /// one, unless another has served clearly fewer connections for a while
+    /// (on average over LOAD_MEMORY, more than one and an eighth fewer, and
+    /// fewer now too: a hand-off wakes the other thread, so a small or
+    /// passing difference is left as it is).
     pub fn place(self: &Arc<Self>, accepted: usize) -> Placed {
+        self.place_at(accepted, Instant::now())
+    }
+
+    fn place_at(self: &Arc<Self>, accepted: usize, now: Instant) -> Placed {
         let accepted = accepted % self.load.len();
-        let mine = self.load[accepted].load(Relaxed);
-        let (least, fewest) = self.load.iter().map(|l| l.load(Relaxed)).enumerate().min_by_key(|(_, n)| *n).unwrap_or((accepted, mine));
-        let worker = if mine > fewest + 1 + fewest / 8 { least } else { accepted };
+        let now = u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        let mine = self.average_load(accepted, now);
+        let (mut least, mut fewest) = (accepted, mine);
+        for i in (0..self.load.len()).filter(|&i| i != accepted) {
+            let load = self.average_load(i, now);
+            if load < fewest {
+                (least, fewest) = (i, load);
+            }
+        }
+        let clearly_fewer = mine > fewest + 1.0 + fewest / 8.0 && self.load[least].load(Relaxed) < self.load[accepted].load(Relaxed);
+        let worker = if clearly_fewer { least } else { accepted };
         self.load[worker].fetch_add(1, Relaxed);
         Placed { workers: self.clone(), worker }
+    }
+
+    /// Worker `i`'s load averaged over about LOAD_MEMORY, brought up to `now`
+    /// (nanoseconds since `epoch`) with its present count.
+    fn average_load(&self, i: usize, now: u64) -> f64 {
+        let count = self.load[i].load(Relaxed) as f64;
+        let elapsed = now.saturating_sub(self.sampled[i].swap(now, Relaxed)) as f64;
+        let before = f64::from_bits(self.average[i].load(Relaxed));
+        let average = count + (before - count) * (-elapsed / LOAD_MEMORY.as_nanos() as f64).exp();
+        self.average[i].store(average.to_bits(), Relaxed);
+        average
     }
 
     pub fn len(&self) -> usize {
@@ -130,24 +173,60 @@ fn pin_to(cpu: usize) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn loads(workers: &Workers) -> Vec<usize> {
+        workers.load.iter().map(|l| l.load(Relaxed)).collect()
+    }
+
     #[test]
-    fn a_connection_goes_to_a_worker_that_serves_clearly_fewer() {
+    fn a_connection_goes_to_a_worker_that_has_served_clearly_fewer_for_a_while() {
         let workers = Arc::new(Workers::start(2, &[]).unwrap());
+        let t0 = Instant::now();
+        let later = |n: u32| t0 + n * LOAD_MEMORY * 10;
         // Balanced: each worker keeps what it accepts.
-        let first = workers.place(0);
-        let second = workers.place(1);
+        let first = workers.place_at(0, t0);
+        let second = workers.place_at(1, t0);
         assert_eq!((first.worker, second.worker), (0, 1));
-        // Two more on worker 0 stay there (3 against 1); the next it accepts
-        // goes to worker 1.
-        let more: Vec<Placed> = (0..2).map(|_| workers.place(0)).collect();
+        // Two more on worker 0 stay there (3 against 1, but only just now).
+        let more: Vec<Placed> = (0..2).map(|_| workers.place_at(0, t0)).collect();
         assert_eq!(more.iter().map(|p| p.worker).collect::<Vec<_>>(), vec![0, 0]);
-        assert_eq!(workers.place(0).worker, 1, "3 against 1 is clearly more");
-        // A difference of one is left as it is.
-        let kept = workers.place(1);
+        // Once 3 against 1 has lasted, the next worker 0 accepts goes to worker 1.
+        let moved = workers.place_at(0, later(1));
+        assert_eq!(moved.worker, 1, "3 against 1 for a while is clearly more");
+        // A difference of one is left as it is, however long it lasts.
+        let kept = workers.place_at(1, later(2));
         assert_eq!(kept.worker, 1);
+        assert_eq!(loads(&workers), vec![3, 3]);
         // Connections that end are no longer counted.
         drop(more);
-        assert_eq!(workers.load.iter().map(|l| l.load(Relaxed)).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(loads(&workers), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_passing_surge_of_connections_stays_where_it_was_accepted() {
+        let workers = Arc::new(Workers::start(2, &[]).unwrap());
+        let t0 = Instant::now();
+        // Ten each, for a while.
+        let steady: Vec<Placed> = (0..20).map(|i| workers.place_at(i % 2, t0)).collect();
+        assert_eq!(loads(&workers), vec![10, 10]);
+        // Worker 0 accepts ten more within a millisecond, as short
+        // connections come and go: they stay there, 20 against 10 now.
+        let start = t0 + LOAD_MEMORY * 10;
+        let surge: Vec<Placed> = (0..10u32).map(|i| workers.place_at(0, start + Duration::from_micros(100) * i)).collect();
+        assert!(surge.iter().all(|p| p.worker == 0), "{:?}", surge.iter().map(|p| p.worker).collect::<Vec<_>>());
+        assert_eq!(loads(&workers), vec![20, 10]);
+        // Had the surge lasted, the next one would go to worker 1.
+        assert_eq!(workers.place_at(0, start + LOAD_MEMORY * 10).worker, 1);
+        // A worker that has fewer on average but more now gets nothing.
+        drop(surge);
+        let extra: Vec<Placed> = (0..5).map(|_| workers.place_at(1, start + LOAD_MEMORY * 10)).collect();
+        assert!(extra.iter().all(|p| p.worker == 1));
+        assert_eq!(loads(&workers), vec![10, 15]);
+        assert_eq!(
+            workers.place_at(0, start + LOAD_MEMORY * 10 + Duration::from_millis(1)).worker,
+            0,
+            "worker 1 has fewer on average but more now"
+        );
+        drop(steady);
     }
 
     fn my_cpus() -> Vec<usize> {
