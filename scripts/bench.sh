@@ -100,14 +100,10 @@ for scenario in "http-keepalive|28101|28201|" "http-close|28101|28201|-H Connect
   args=()
   [ -z "$extra" ] || args=(-H "${extra#-H }")
   hr=() h50=() h99=() lr=() l50=() l99=() rounds=()
+  haproxy_run() { read -r r a b < <(run "http://127.0.0.1:$hport/" "${args[@]}"); hr+=("$r") h50+=("$a") h99+=("$b"); }
+  lbnode_run() { read -r r a b < <(run "http://127.0.0.1:$lport/" "${args[@]}"); lr+=("$r") l50+=("$a") l99+=("$b"); }
   for round in $(seq "$ROUNDS"); do
-    if ((round % 2)); then
-      read -r r a b < <(run "http://127.0.0.1:$hport/" "${args[@]}"); hr+=("$r") h50+=("$a") h99+=("$b")
-      read -r r a b < <(run "http://127.0.0.1:$lport/" "${args[@]}"); lr+=("$r") l50+=("$a") l99+=("$b")
-    else
-      read -r r a b < <(run "http://127.0.0.1:$lport/" "${args[@]}"); lr+=("$r") l50+=("$a") l99+=("$b")
-      read -r r a b < <(run "http://127.0.0.1:$hport/" "${args[@]}"); hr+=("$r") h50+=("$a") h99+=("$b")
-    fi
+    if ((round % 2)); then haproxy_run; lbnode_run; else lbnode_run; haproxy_run; fi
     rounds+=("$(ratio "${lr[-1]}" "${hr[-1]}")")
   done
   hm=$(median "${hr[@]}") lm=$(median "${lr[@]}") h99m=$(median "${h99[@]}") l99m=$(median "${l99[@]}")
