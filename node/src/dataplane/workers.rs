@@ -38,6 +38,14 @@ pub fn current() -> usize {
 /// long-lived connections stays and is evened out by the next ones.
 const LOAD_MEMORY: Duration = Duration::from_millis(100);
 
+/// Each worker keeps a timer of its own due within this. Tokio wakes its
+/// own thread (a write to an eventfd, and one more turn of the event loop)
+/// whenever a timer is set earlier than every timer pending, or while none
+/// is: with a new connection per request that was the case for about every
+/// third request, as connections ending took their timers with them. With
+/// this one pending, the timeouts of connections (seconds) never come first.
+const TIMER_TICK: Duration = Duration::from_millis(500);
+
 pub struct Workers {
     handles: Vec<Handle>,
     /// Client connections each worker serves now.
@@ -84,7 +92,11 @@ impl Workers {
                     return;
                 }
                 WORKER.with(|w| w.set(i));
-                runtime.block_on(std::future::pending::<()>());
+                runtime.block_on(async {
+                    loop {
+                        tokio::time::sleep(TIMER_TICK).await;
+                    }
+                });
             })?;
         }
         for _ in 0..n {
