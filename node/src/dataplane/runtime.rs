@@ -316,34 +316,34 @@ impl BackendRt {
     pub async fn lease(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize], queue: Duration) -> Result<(usize, Lease), NoServer> {
         let stuck = self.stuck(src);
         let prefer = prefer.or(stuck.as_deref());
-        let deadline = tokio::time::Instant::now() + queue;
-        let mut queued = false;
+        // The end of the wait in the queue, once queued: most requests never are.
+        let mut queued: Option<tokio::time::Instant> = None;
         let result = loop {
             // Registered before the look, so a release between the look and
             // the wait is not missed; only once in the queue, as it costs a lock.
             let released = self.shared.released.notified();
             tokio::pin!(released);
-            if queued {
+            if queued.is_some() {
                 released.as_mut().enable();
             }
-            match self.try_pick(src, prefer, exclude) {
-                Pick::Leased(index, lease) => break Ok((index, lease)),
-                Pick::NoneUp => break Err(NoServer::NoneUp),
-                Pick::Full if !queued => {
-                    queued = true;
+            match (self.try_pick(src, prefer, exclude), queued) {
+                (Pick::Leased(index, lease), _) => break Ok((index, lease)),
+                (Pick::NoneUp, _) => break Err(NoServer::NoneUp),
+                (Pick::Full, None) => {
+                    queued = Some(tokio::time::Instant::now() + queue);
                     self.shared.waiting.fetch_add(1, Relaxed);
                     fence(SeqCst);
                     Counters::add(&self.counters.queue_current, 1);
                     Counters::add(&self.counters.queue_total, 1);
                 }
-                Pick::Full => {
+                (Pick::Full, Some(deadline)) => {
                     if tokio::time::timeout_at(deadline, released).await.is_err() {
                         break Err(NoServer::QueueTimeout);
                     }
                 }
             }
         };
-        if queued {
+        if queued.is_some() {
             self.shared.waiting.fetch_sub(1, Relaxed);
             self.counters.queue_current.fetch_sub(1, Relaxed);
         }
