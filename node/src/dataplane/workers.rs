@@ -43,7 +43,8 @@ const LOAD_MEMORY: Duration = Duration::from_millis(100);
 /// whenever a timer is set earlier than every timer pending, or while none
 /// is: with a new connection per request that was the case for about every
 /// third request, as connections ending took their timers with them. With
-/// this one pending, the timeouts of connections (seconds) never come first.
+/// this one pending, a connection's timeout longer than this (the defaults
+/// are seconds) never comes first.
 const TIMER_TICK: Duration = Duration::from_millis(500);
 
 pub struct Workers {
