@@ -3,7 +3,8 @@
 # three balancer hosts, two backends and a client in network namespaces
 # (scripts/netns.sh), the VIP 192.0.2.100 on the first host, and its link cut.
 # A client in its own namespace sends GET / to the VIP every 10 ms, each with a
-# 100 ms limit; the outage is from the cut to the first answer after it.
+# 100 ms limit; the outage is from the cut to the first answer that comes back
+# after the last probe that got none.
 #
 #   sudo bash scripts/failover-compare.sh [ROUNDS]     (default 3 rounds each)
 #
@@ -32,22 +33,26 @@ trap cleanup EXIT
 inns() { local ns=$1; shift; ip netns exec "$p-$ns" "$@"; }
 
 # The client: probes until told to stop, then prints the outage after the cut.
+# Times are the wall clock (time.time(), bash's EPOCHREALTIME), read where
+# they happen: a probe's answer is timed when it arrives, not when the probe
+# began, as a connection attempt made while the VIP moves can wait for the
+# new holder's address and be answered by it. The outage ends with the first
+# answer to a probe begun after the last probe that failed.
 cat >"$dir/probe.py" <<'PY'
-import socket, sys, threading, time
+import os, socket, sys, threading, time
 vip, cut_file, stop_file = sys.argv[1], sys.argv[2], sys.argv[3]
 log, lock = [], threading.Lock()
 def probe():
-    began, ok = time.monotonic(), False
+    began, ok = time.time(), False
     try:
         with socket.create_connection((vip, 80), timeout=0.1) as s:
-            s.settimeout(max(0.001, 0.1 - (time.monotonic() - began)))
+            s.settimeout(max(0.001, 0.1 - (time.time() - began)))
             s.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
             ok = s.recv(12).startswith(b"HTTP/1")
     except OSError:
         pass
     with lock:
-        log.append((began, ok))
-import os
+        log.append((began, time.time(), ok))
 nxt = time.monotonic()
 while not os.path.exists(stop_file):
     threading.Thread(target=probe, daemon=True).start()
@@ -55,14 +60,14 @@ while not os.path.exists(stop_file):
     time.sleep(max(0, nxt - time.monotonic()))
 time.sleep(0.15)
 cut = float(open(cut_file).read())
-after = sorted(e for e in log if e[0] >= cut)
-back = next((t for t, ok in after if ok and any(not o for u, o in after if u < t)), None)
-if all(ok for _, ok in after):
+with lock:
+    after = [e for e in log if e[0] >= cut]
+failed = [began for began, _, ok in after if not ok]
+if not failed:
     print(0)
-elif back is None:
-    print("never")
 else:
-    print(round((back - cut) * 1000))
+    back = min((ended for began, ended, ok in after if ok and began > max(failed)), default=None)
+    print("never" if back is None else round((back - cut) * 1000))
 PY
 
 holder() {
@@ -78,9 +83,9 @@ measure() {
     inns c python3 "$dir/probe.py" 192.0.2.100 "$dir/cut" "$dir/stop" >"$dir/outage" &
     local prober=$!
     sleep 0.5
-    inns c python3 -c 'import time; print(time.monotonic())' >"$dir/cut.tmp"
+    local cut=$EPOCHREALTIME
     ip -n "$p-n$h" link set eth0 down
-    mv "$dir/cut.tmp" "$dir/cut"
+    echo "$cut" >"$dir/cut"
     sleep "$settle"
     touch "$dir/stop"
     wait "$prober"
