@@ -3,7 +3,7 @@
 # three balancer hosts, two backends and a client in network namespaces
 # (scripts/netns.sh), the VIP 192.0.2.100 on the first host, and its link cut.
 # A client in its own namespace sends GET / to the VIP every 10 ms, each with a
-# 100 ms limit; the outage is from the cut to the first answer that comes back
+# 100 ms limit; the outage is from the cut to the first answer to a probe begun
 # after the last probe that got none.
 #
 #   sudo bash scripts/failover-compare.sh [ROUNDS]     (default 3 rounds each)
@@ -83,7 +83,8 @@ measure() {
     inns c python3 "$dir/probe.py" 192.0.2.100 "$dir/cut" "$dir/stop" >"$dir/outage" &
     local prober=$!
     sleep 0.5
-    local cut=$EPOCHREALTIME
+    # With a decimal point whatever the locale, for Python to read.
+    local cut=${EPOCHREALTIME/,/.}
     ip -n "$p-n$h" link set eth0 down
     echo "$cut" >"$dir/cut"
     sleep "$settle"
