@@ -62,11 +62,11 @@ time.sleep(0.15)
 cut = float(open(cut_file).read())
 with lock:
     after = [e for e in log if e[0] >= cut]
-failed = [began for began, _, ok in after if not ok]
-if not failed:
+last_failed = max((began for began, _, ok in after if not ok), default=None)
+if last_failed is None:
     print(0)
 else:
-    back = min((ended for began, ended, ok in after if ok and began > max(failed)), default=None)
+    back = min((ended for began, ended, ok in after if ok and began > last_failed), default=None)
     print("never" if back is None else round((back - cut) * 1000))
 PY
 
