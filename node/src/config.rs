@@ -37,6 +37,8 @@ pub struct NodeConfig {
     /// Source address of connections to servers (traffic and health checks),
     /// as HAProxy's `source`; the kernel chooses when absent.
     pub source: Option<IpAddr>,
+    /// How long a stopping node waits for its connections to end.
+    pub stop_grace: Option<Duration>,
     #[serde(default)]
     pub self_check: SelfCheck,
     #[serde(default)]
@@ -169,6 +171,9 @@ impl Default for LogSettings {
     }
 }
 
+/// How long a stopping node waits for its connections by default.
+const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// The flags that override the file, as `lbnode` parses them.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
@@ -204,6 +209,9 @@ pub struct Overrides {
     /// Serve frontends bound to FROM on TO instead, like 127.0.0.1=127.0.0.2 (repeatable).
     #[arg(long, value_name = "FROM=TO", value_parser = parse_rewrite)]
     pub bind_rewrite: Vec<(IpAddr, IpAddr)>,
+    /// How long a stopping node (SIGTERM) waits for its open connections to end (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub stop_grace: Option<Duration>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -229,6 +237,7 @@ pub struct Resolved {
     pub self_check: SelfCheck,
     pub vip: VipSettings,
     pub log: LogSettings,
+    pub stop_grace: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -337,6 +346,7 @@ impl Overrides {
             self_check: file.self_check,
             vip: file.vip,
             log: file.log,
+            stop_grace: self.stop_grace.or(file.stop_grace).unwrap_or(DEFAULT_STOP_GRACE).get(),
         })
     }
 }
@@ -501,6 +511,22 @@ mod tests {
         assert_eq!(r.settings.addr, "127.0.0.1:7001", "advertise defaults to listen");
         assert_eq!(r.settings.heartbeat.as_millis(), 40);
         assert_eq!(r.settings.election_timeout_min.as_millis(), 150, "unset timings keep their defaults");
+    }
+
+    #[test]
+    fn stop_grace_defaults_to_30s_and_the_flag_wins_over_the_file() {
+        let base = "id: 1\nlisten: 127.0.0.1:7001\ndata_dir: /tmp/a\n";
+        let (_d, plain) = file(base);
+        let r = Overrides { config: Some(plain), ..Default::default() }.resolve().unwrap();
+        assert_eq!(r.stop_grace, std::time::Duration::from_secs(30));
+        let (_d, set) = file(&format!("{base}stop_grace: 2m\n"));
+        let r = Overrides { config: Some(set.clone()), ..Default::default() }.resolve().unwrap();
+        assert_eq!(r.stop_grace, std::time::Duration::from_secs(120));
+        let r = Overrides { config: Some(set), stop_grace: Some(Duration::from_millis(0)), ..Default::default() }.resolve().unwrap();
+        assert_eq!(r.stop_grace, std::time::Duration::ZERO, "0s: close the connections at once");
+        let (_d, bad) = file(&format!("{base}stop_grace: 5\n"));
+        let err = Overrides { config: Some(bad), ..Default::default() }.resolve().unwrap_err().to_string();
+        assert!(err.contains("stop_grace: \"5\" has no unit"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Runs one node: binds its listeners, starts its Raft instance on its data
 //! dir, serves the transport and admin API until SIGTERM or SIGINT, then
-//! stops Raft cleanly.
+//! hands leadership and the VIPs over, stops accepting traffic and waits up
+//! to `stop_grace` for its connections to end, and stops Raft cleanly.
 
 use anyhow::Context;
 use raftlb_proto::admin::admin_server::AdminServer;
@@ -25,7 +26,7 @@ use crate::vip::{VipManager, VipStatus};
 const HANDOFF_ON_STOP: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub async fn run(node: Resolved) -> anyhow::Result<()> {
-    let Resolved { settings, bind_rewrite, threads, worker_cpus, listen, monitor, source, self_check, vip, .. } = node;
+    let Resolved { settings, bind_rewrite, threads, worker_cpus, listen, monitor, source, self_check, vip, stop_grace, .. } = node;
     // Bind first: a taken port fails before the data dir is touched.
     let incoming =
         TcpIncoming::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen} (--listen): {e}"))?.with_nodelay(Some(true));
@@ -50,7 +51,7 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
         cpus => tracing::info!(threads, ?cpus, "data plane threads pinned, one CPU each in turn"),
     }
     let shared = Arc::new(Shared::new(workers.len(), source));
-    let dataplane = DataPlane::new(shared.clone(), workers.clone(), bind_rewrite);
+    let (dataplane, stop_traffic) = DataPlane::new(shared.clone(), workers.clone(), bind_rewrite);
     let runtime = dataplane.subscribe();
     tokio::spawn(dataplane.run(cluster.clone()));
 
@@ -89,8 +90,19 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
                 Err(_) => tracing::warn!("handing leadership over took too long; the others elect a leader"),
             }
         }
+        // Not to lead (and hold the VIPs) again while the connections finish.
+        leaving.stop_leading();
         let _ = stop_vips.send(true);
         let _ = vip_task.await;
+        // Raft keeps running meanwhile: this node still counts in the quorum.
+        tokio::select! {
+            open = stop_traffic.drain(stop_grace) => match open {
+                0 => tracing::info!("every client connection has ended"),
+                n => tracing::warn!(connections = n, grace = ?stop_grace, "stop_grace is over: closing the connections still open"),
+            },
+            _ = term.recv() => tracing::warn!("SIGTERM again: closing the open connections now"),
+            _ = int.recv() => tracing::warn!("SIGINT again: closing the open connections now"),
+        }
     };
     Server::builder()
         .add_service(cluster.transport_service())

@@ -108,6 +108,8 @@ fn spawn(exe: &Path, dir: &Path, id: u64, addr: SocketAddr, monitor: SocketAddr)
     let child = cmd
         .args(["--id", &id.to_string(), "--listen", &addr.to_string(), "--monitor", &monitor.to_string()])
         .args(["--bind-rewrite", &format!("127.0.0.1=127.0.0.{id}")])
+        // Ctrl-C should not wait long for a browser's kept-alive connections.
+        .args(["--stop-grace", "1s"])
         .arg("--data-dir")
         .arg(dir.join(format!("node{id}")))
         .stdout(out.try_clone()?)

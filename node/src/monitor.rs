@@ -1,5 +1,6 @@
 //! The monitor HTTP server: `GET /healthz` answers 200 while the node and its
-//! Raft engine run, 503 once the engine stopped, with a small JSON summary;
+//! Raft engine run, 503 once the node is stopping or the engine stopped,
+//! with a small JSON summary;
 //! `GET /stats` gives the traffic counters per frontend, backend and server.
 
 use std::net::SocketAddr;
@@ -50,15 +51,16 @@ fn answer(req: &Request<Incoming>, cluster: &Cluster, shared: &Shared) -> Respon
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => {
             let running = cluster.raft().metrics().borrow().running_state.is_ok();
+            let stopping = crate::dataplane::stopping();
             let status = cluster.status();
             let body = serde_json::json!({
-                "status": if running { "ok" } else { "raft stopped" },
+                "status": if !running { "raft stopped" } else if stopping { "stopping" } else { "ok" },
                 "node": status.node,
                 "leader": status.leader,
                 "term": status.term,
                 "config_version": status.config_version,
             });
-            let code = if running { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let code = if running && !stopping { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             reply(code, format!("{body}\n"))
         }
         (&Method::GET, "/stats") => {

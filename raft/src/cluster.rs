@@ -144,6 +144,8 @@ enum Hold {
     SelfCheck = 1,
     /// The node hands leadership to another on purpose.
     Transfer = 2,
+    /// The node stops (SIGTERM): it must not lead again before it exits.
+    Stopping = 4,
 }
 
 impl Hold {
@@ -151,6 +153,7 @@ impl Hold {
         match self {
             Hold::SelfCheck => "its self-check fails",
             Hold::Transfer => "it hands leadership over",
+            Hold::Stopping => "it stops",
         }
     }
 }
@@ -715,6 +718,13 @@ impl Cluster {
     /// lease ran out. Off again, it takes part in elections as before.
     pub fn hold_back(&self, on: bool) {
         self.hold(Hold::SelfCheck, on);
+    }
+
+    /// Keeps this node from leading until it exits: it stops. Called once
+    /// leadership was handed over, so that while its connections finish it
+    /// does not win an election (and the VIPs with it) again.
+    pub fn stop_leading(&self) {
+        self.hold(Hold::Stopping, true);
     }
 
     fn hold(&self, reason: Hold, on: bool) {

@@ -155,6 +155,19 @@ impl Node {
         }
     }
 
+    /// Sends SIGTERM (or SIGINT) and returns at once: the node stops softly.
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.pid().expect("the node runs");
+        kill(Pid::from_raw(pid), signal).expect("the signal is delivered");
+    }
+
+    /// The exit status, once the process has ended (it is then no longer running).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("the node's status")?;
+        self.child = None;
+        Some(status)
+    }
+
     /// Where this node serves a frontend that the spec binds to `bind` on 127.0.0.1.
     pub fn frontend(&self, bind: SocketAddr) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, self.id as u8], bind.port()))

@@ -723,3 +723,133 @@ fn a_cpu_list_the_node_cannot_use_stops_it_with_the_value_named() {
     }
     assert!(!dir.path().join("node").exists(), "a refused config touches no data dir");
 }
+
+/// Reads one line from a TCP-mode connection, within `limit`.
+fn line_within(s: &std::net::TcpStream, limit: Duration) -> std::io::Result<String> {
+    s.set_read_timeout(Some(limit))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line)
+}
+
+fn http_and_tcp_spec(web: SocketAddr, db: SocketAddr, a: &TestServer, t: &TestServer) -> String {
+    format!(
+        "defaults:\n  timeouts: {{ server: 5s, http_keep_alive: 5s }}\nfrontends:\n  - {{ name: web, bind: [\"{web}\"], mode: http, default_backend: app }}\n  - {{ name: db, bind: [\"{db}\"], mode: tcp, default_backend: db }}\nbackends:\n  - name: app\n    servers:\n{}  - name: db\n    servers:\n{}",
+        servers_yaml(&[(a, "")]),
+        servers_yaml(&[(t, "")])
+    )
+}
+
+#[test]
+fn a_stopping_node_accepts_nothing_new_and_lets_its_connections_finish() {
+    let mut c = Cluster::formed(1);
+    let (a, t) = (http_server("a", "127.0.0.1:0"), tcp_server("t", "127.0.0.1:0"));
+    let (web, db) = (front(), front());
+    apply_spec(&c, 1, "stop.yaml", &http_and_tcp_spec(web, db, &a, &t));
+    wait_serving(&c, web);
+    let hits_before = a.hits();
+
+    // An idle keep-alive connection, a request in flight and a TCP session.
+    let mut idle = KeepAlive::open(web).unwrap();
+    assert_eq!(idle.get("/", &[]).unwrap().status, 200);
+    let busy = std::thread::spawn(move || KeepAlive::open(web).and_then(|mut k| k.get("/slow?ms=1500", &[])));
+    let tcp = wait_for(Duration::from_secs(5), "the tcp frontend", || connect(db, None).ok());
+    assert_eq!(line_within(&tcp, Duration::from_secs(2)).unwrap(), "hello from t\n");
+    wait_for(Duration::from_secs(5), "the slow request to reach the server", || (a.hits() == hits_before + 2).then_some(()));
+
+    c.nodes[0].signal(nix::sys::signal::Signal::SIGTERM);
+    // The listeners close: a new client is refused, not left waiting.
+    let refused = wait_for(Duration::from_secs(3), "the frontends to stop accepting", || {
+        match std::net::TcpStream::connect_timeout(&web, Duration::from_secs(1)) {
+            Err(e) => Some(e.kind()),
+            Ok(_) => None,
+        }
+    });
+    assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
+    assert!(matches!(connect(db, None).map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionRefused)), "the tcp frontend closed too");
+    assert!(c.nodes[0].exited().is_none(), "the node waits for its connections");
+    let health = client::get(c.nodes[0].monitor, "/healthz", &[]).unwrap();
+    assert_eq!((health.status, health.json()["status"].as_str()), (503, Some("stopping")));
+
+    // The request in flight is answered, as the last of its connection
+    // (`Connection: close` is only said once the node stops).
+    let slow = busy.join().unwrap().expect("the request in flight at SIGTERM is answered");
+    assert_eq!((slow.status, slow.header("connection")), (200, Some("close")));
+    // The idle connection's next request is served, and it is the last.
+    let next = idle.get("/", &[]).expect("a request on an idle connection after SIGTERM is served");
+    assert_eq!((next.status, next.header("connection")), (200, Some("close")));
+    assert!(idle.get("/", &[]).is_err(), "the connection closed after that response");
+    // The TCP session still carries traffic both ways until it ends.
+    let mut w = tcp.try_clone().unwrap();
+    w.write_all(b"ping\n").unwrap();
+    w.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    BufReader::new(&tcp).read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "ping\nbye\n");
+
+    let status = wait_for(Duration::from_secs(5), "the node to exit once its connections ended", || c.nodes[0].exited());
+    assert!(status.success(), "{status}");
+    assert!(c.nodes[0].log().contains("every client connection has ended"), "{}", c.nodes[0].log());
+}
+
+#[test]
+fn stop_grace_bounds_the_wait_and_a_second_signal_ends_it_at_once() {
+    for (config, signals, within) in
+        [(Some("stop_grace: 1s\n"), 1, Duration::from_secs(1)..Duration::from_secs(4)), (None, 2, Duration::ZERO..Duration::from_secs(3))]
+    {
+        let mut c = Cluster::start_with_config(1, config);
+        c.init();
+        let t = tcp_server("t", "127.0.0.1:0");
+        let db = front();
+        let spec = format!(
+            "frontends:\n  - {{ name: db, bind: [\"{db}\"], mode: tcp, default_backend: db }}\nbackends:\n  - name: db\n    servers:\n{}",
+            servers_yaml(&[(&t, "")])
+        );
+        apply_spec(&c, 1, "grace.yaml", &spec);
+        let tcp = wait_for(Duration::from_secs(5), "the tcp frontend", || connect(db, None).ok());
+        assert_eq!(line_within(&tcp, Duration::from_secs(2)).unwrap(), "hello from t\n");
+        let asked = Instant::now();
+        for _ in 0..signals {
+            c.nodes[0].signal(nix::sys::signal::Signal::SIGTERM);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // The session would stay open for the default 30 s and the tunnel timeout.
+        let status = wait_for(Duration::from_secs(10), "the node to exit", || c.nodes[0].exited());
+        let took = asked.elapsed();
+        assert!(status.success(), "{status}");
+        assert!(within.contains(&took), "{config:?}, {signals} SIGTERM: exited after {took:?}, expected within {within:?}");
+        assert_eq!(line_within(&tcp, Duration::from_secs(2)).unwrap(), "", "the session still open was closed");
+    }
+}
+
+#[test]
+fn a_websocket_tunnel_keeps_its_place_under_maxconn() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    let spec = format!(
+        "frontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, maxconn: 1, default_backend: app }}\nbackends:\n  - name: app\n    servers:\n{}",
+        servers_yaml(&[(&a, "")])
+    );
+    apply_spec(&c, 1, "ws-maxconn.yaml", &spec);
+    wait_serving(&c, bind);
+    let mut ws = connect(bind, None).unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: lb.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+    let mut r = BufReader::new(ws.try_clone().unwrap());
+    assert_eq!(client::read_reply(&mut r).unwrap().status, 101);
+    // The tunnel is the frontend's one connection: the next client waits.
+    let waiting = std::thread::spawn(move || {
+        let started = Instant::now();
+        (get(bind, "/", &[]).map(|r| r.status).ok(), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(!waiting.is_finished(), "a second client was served while the tunnel held the frontend's maxconn 1");
+    ws.write_all(b"still open").unwrap();
+    let mut back = [0u8; 10];
+    r.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still open");
+    drop((r, ws));
+    let (status, waited) = waiting.join().unwrap();
+    assert_eq!(status, Some(200), "served once the tunnel closed");
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+}

@@ -30,7 +30,7 @@ use tokio::time::Sleep;
 use super::connect::{dial, with_retries, Failure};
 use super::pipe::pipe;
 use super::runtime::{BackendRt, FrontendRt, Lease, Runtime, RuntimeWatch};
-use super::workers;
+use super::{workers, Held};
 use crate::stats::Counters;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -98,6 +98,8 @@ struct Client {
     /// With `http_reuse: never`, this client's own connection to a server,
     /// kept for its next requests and closed with it, never shared.
     own: Mutex<Option<Own>>,
+    /// Kept until the connection and any tunnel it became have ended.
+    _held: Held,
 }
 
 /// A connection that belongs to one client.
@@ -196,6 +198,7 @@ pub async fn serve(
     stream: std::net::TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    held: Held,
 ) {
     let (head_timeout, idle_timeout, client_timeout) =
         (rt.timeouts.http_request.get(), rt.timeouts.http_keep_alive.get(), rt.timeouts.client.get());
@@ -227,11 +230,16 @@ pub async fn serve(
         conn: conn.clone(),
         server_wait: Mutex::new(IdleTimer::new(server_timeout)),
         own: Mutex::default(),
+        _held: held,
     });
-    let service = hyper::service::service_fn(move |req| {
+    // `client` itself stays here to the end: the 408 below is still this connection.
+    let service = {
         let client = client.clone();
-        async move { Ok::<_, Infallible>(handle(&client, req).await) }
-    });
+        hyper::service::service_fn(move |req| {
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(handle(&client, req).await) }
+        })
+    };
     let result = hyper::server::conn::http1::Builder::new()
         .max_header_size(MAX_HEAD)
         .keep_alive(true)
@@ -296,7 +304,8 @@ fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
 
 async fn handle(client: &Arc<Client>, req: Request<Incoming>) -> Response<ProxyBody> {
     let first = client.served.fetch_add(1, Relaxed) == 0;
-    if asks_to_close(&req) {
+    let stopping = super::stopping();
+    if stopping || asks_to_close(&req) {
         // hyper closes the connection after this response: no wait for another.
         client.conn.closing.store(true, Relaxed);
     }
@@ -305,8 +314,14 @@ async fn handle(client: &Arc<Client>, req: Request<Incoming>) -> Response<ProxyB
     let Some((rt, fe)) = client.current() else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER);
     };
-    let response = route_and_forward(&rt, &fe, client, req, first, in_flight).await;
+    let mut response = route_and_forward(&rt, &fe, client, req, first, in_flight).await;
     fe.counters.response(response.status().as_u16());
+    // The node stops, or began to while this request was served: the last
+    // response of this connection (hyper closes it after).
+    if (stopping || super::stopping()) && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        client.conn.closing.store(true, Relaxed);
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -466,8 +481,10 @@ async fn route_and_forward(
         if let Some(client_upgrade) = client_upgrade {
             let server_upgrade = hyper::upgrade::on(&mut response);
             let (tunnel, be) = (rt.timeouts.tunnel.get(), be.clone());
+            let client = client.clone();
             tokio::spawn(async move {
-                let (_lease, _in_flight) = (lease, in_flight);
+                // The client connection lives on as this tunnel: it keeps its places.
+                let (_lease, _in_flight, _client) = (lease, in_flight, client);
                 if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
                     // The frontend counts the tunnel at the client socket.
                     let up = [&be.counters.bytes_in];

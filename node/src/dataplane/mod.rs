@@ -15,19 +15,30 @@ pub mod workers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use raftlb_proto::spec::Mode;
 use raftlb_raft::Cluster;
-use runtime::{BindRewrite, Runtime, RuntimeWatch, Shared};
+use runtime::{BindRewrite, Runtime, RuntimeWatch, Shared, Slot};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use workers::Workers;
+use workers::{Placed, Workers};
+
+/// The node stops: no connection is accepted any more, and each HTTP
+/// request answered from now on is the last of its connection. One data
+/// plane runs per process.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the node is stopping (see [`Stop`]).
+pub fn stopping() -> bool {
+    STOPPING.load(Relaxed)
+}
 
 pub struct DataPlane {
     shared: Arc<Shared>,
@@ -36,11 +47,55 @@ pub struct DataPlane {
     runtime: watch::Sender<Option<Arc<Runtime>>>,
     /// Per bind address, one accept loop per worker.
     listeners: HashMap<SocketAddr, Vec<JoinHandle<()>>>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Stops the data plane softly, as HAProxy's soft stop does: the listening
+/// sockets close, connections already accepted are served, an HTTP
+/// connection ends after its next response (which says `Connection: close`)
+/// or when it has been idle for `timeouts.http_keep_alive`, and TCP
+/// connections and tunnels run until they end.
+pub struct Stop {
+    sender: watch::Sender<bool>,
+    workers: Arc<Workers>,
+}
+
+impl Stop {
+    /// Stops accepting and waits until every client connection ended, or
+    /// `grace` is over; returns how many are still open then.
+    pub async fn drain(self, grace: Duration) -> usize {
+        STOPPING.store(true, Relaxed);
+        let _ = self.sender.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        let open = self.workers.open();
+        if open > 0 {
+            tracing::info!(connections = open, ?grace, "stopped accepting; waiting for the open connections to end");
+        }
+        loop {
+            let open = self.workers.open();
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(20))).await;
+        }
+    }
+}
+
+/// What a client connection holds while it lives, also once it became a
+/// tunnel: its places under the node's and the frontend's `maxconn`, and its
+/// count on the worker that serves it.
+pub struct Held {
+    _node: Slot,
+    _frontend: Slot,
+    _placed: Placed,
 }
 
 impl DataPlane {
-    pub fn new(shared: Arc<Shared>, workers: Arc<Workers>, rewrite: BindRewrite) -> Self {
-        DataPlane { shared, workers, rewrite, runtime: watch::channel(None).0, listeners: HashMap::new() }
+    /// The data plane, and what stops it.
+    pub fn new(shared: Arc<Shared>, workers: Arc<Workers>, rewrite: BindRewrite) -> (Self, Stop) {
+        let (sender, stop) = watch::channel(false);
+        let stopper = Stop { sender, workers: workers.clone() };
+        (DataPlane { shared, workers, rewrite, runtime: watch::channel(None).0, listeners: HashMap::new(), stop }, stopper)
     }
 
     /// The spec version in force, compiled, as it changes.
@@ -53,6 +108,8 @@ impl DataPlane {
         let mut applied = cluster.subscribe();
         let mut serving = 0;
         let mut retry = tokio::time::interval(Duration::from_secs(1));
+        // Until the node stops (or nothing can stop it any more).
+        let mut watch_stop = true;
         loop {
             let current = applied.borrow_and_update().state.current().cloned();
             if let Some(config) = current.filter(|c| c.version != serving) {
@@ -64,6 +121,8 @@ impl DataPlane {
             self.reconcile_listeners();
             tokio::select! {
                 changed = applied.changed() => if changed.is_err() { return },
+                // Stopping: the next reconcile closes every listener.
+                changed = self.stop.changed(), if watch_stop => watch_stop = changed.is_ok() && !*self.stop.borrow(),
                 // A bind that failed (the address is not there yet) is tried again.
                 _ = retry.tick(), if self.missing_listeners() => {}
             }
@@ -71,6 +130,9 @@ impl DataPlane {
     }
 
     fn wanted(&self) -> Vec<SocketAddr> {
+        if *self.stop.borrow() {
+            return Vec::new();
+        }
         self.runtime.borrow().as_ref().map(|rt| rt.by_bind.keys().copied().collect()).unwrap_or_default()
     }
 
@@ -195,18 +257,22 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         let runtime = runtime.clone();
         let placed = workers.place(me);
         let worker = placed.worker;
+        let held = Held { _node: node_slot, _frontend: fe_slot, _placed: placed };
         let serve = async move {
-            let _slots = (node_slot, fe_slot, placed);
             let _session = fe.counters.session();
             // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
             match fe.spec.mode {
                 // Registered with the reactor of the worker that serves it.
                 Mode::Tcp => match TcpStream::from_std(stream) {
-                    Ok(stream) => tcp::serve(rt, fe.clone(), stream, peer, addr).await,
+                    Ok(stream) => {
+                        let _held = held;
+                        tcp::serve(rt, fe.clone(), stream, peer, addr).await
+                    }
                     Err(e) => tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
                 },
                 // Registered once it has to wait (see `http::ClientSocket`).
-                Mode::Http => http::serve(runtime, rt, fe.clone(), stream, peer, addr).await,
+                // A connection that becomes a tunnel hands `held` on to it.
+                Mode::Http => http::serve(runtime, rt, fe.clone(), stream, peer, addr, held).await,
             }
         };
         // Boxed: the future is large, and tokio moves it whole at spawn and at each change of the task's stage.

@@ -109,6 +109,11 @@ impl Workers {
         Ok(Workers { handles, load, average, sampled, epoch: Instant::now() })
     }
 
+    /// Client connections (and the tunnels they became) open on all workers.
+    pub fn open(&self) -> usize {
+        self.load.iter().map(|l| l.load(Relaxed)).sum()
+    }
+
     /// The worker to serve a connection accepted on worker `accepted`: that
     /// one, unless another has served clearly fewer connections for a while
     /// (on average over LOAD_MEMORY, more than one and an eighth fewer, and

@@ -44,6 +44,10 @@ impl SelfChecker {
         let mut stand_until: Option<Instant> = None;
         loop {
             ticks.tick().await;
+            // A stopping node closed its listeners on purpose and leads no more.
+            if crate::dataplane::stopping() {
+                continue;
+            }
             let result = self.check().await;
             let serving = !self.health.failing.load(Relaxed);
             *self.health.self_check.lock().expect("self-check lock") = match &result {
