@@ -737,7 +737,11 @@ impl Cluster {
         // Elections check the hold themselves (`run_elections`).
         self.inner.raft.runtime_config().heartbeat(!on);
         if on {
-            tracing::warn!(reason = reason.as_str(), "this node stops standing for leadership");
+            match reason {
+                // A failing data plane is news; a handoff or a stop is what the operator asked for.
+                Hold::SelfCheck => tracing::warn!(reason = reason.as_str(), "this node stops standing for leadership"),
+                Hold::Transfer | Hold::Stopping => tracing::info!(reason = reason.as_str(), "this node stops standing for leadership"),
+            }
             tokio::spawn(self.clone().resume_heartbeats_after_stepping_down());
         } else {
             tracing::info!("this node stands for leadership again");
@@ -799,10 +803,12 @@ impl Cluster {
         loop {
             let now = {
                 let m = metrics.borrow_and_update();
-                (m.current_leader, m.running_state.as_ref().err().map(|e| e.to_string()))
+                (m.current_leader, m.running_state.as_ref().err().cloned())
             };
             if now != seen {
                 match (&now.0, &now.1) {
+                    // `Cluster::shutdown`: the node stops as asked.
+                    (_, Some(openraft::error::Fatal::Stopped)) => tracing::info!("the Raft engine stopped"),
                     (_, Some(fatal)) => tracing::error!(error = %fatal, "the Raft engine stopped"),
                     (Some(l), None) if *l == self.id() => tracing::info!(term = metrics.borrow().current_term, "this node is the leader"),
                     (Some(l), None) => tracing::info!(leader = l, term = metrics.borrow().current_term, "following the leader"),
