@@ -853,3 +853,91 @@ fn a_websocket_tunnel_keeps_its_place_under_maxconn() {
     assert_eq!(status, Some(200), "served once the tunnel closed");
     assert!(waited >= Duration::from_millis(700), "{waited:?}");
 }
+
+/// A client that keeps one connection to one node, and moves to the next
+/// node when its node ends the connection after a response (`Connection:
+/// close`) or refuses to connect, as a client behind DNS round robin does.
+/// A request written and not answered is a dropped request.
+fn rolling_client(fronts: Vec<SocketAddr>, start: usize, stop: Arc<AtomicBool>) -> (u64, Vec<String>, Vec<usize>) {
+    let (mut answered, mut dropped, mut served_by) = (0, Vec::new(), vec![0; fronts.len()]);
+    let mut at = start;
+    let mut conn: Option<KeepAlive> = None;
+    while !stop.load(Relaxed) {
+        let Some(c) = conn.as_mut() else {
+            match KeepAlive::open(fronts[at]) {
+                Ok(c) => conn = Some(c),
+                // Refused (the node stopped or is not back yet): nothing was sent.
+                Err(_) => {
+                    at = (at + 1) % fronts.len();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            continue;
+        };
+        match c.get("/", &[]) {
+            Ok(r) if r.status == 200 => {
+                answered += 1;
+                served_by[at] += 1;
+                if r.header("connection") == Some("close") {
+                    conn = None;
+                    at = (at + 1) % fronts.len();
+                }
+            }
+            Ok(r) => dropped.push(format!("node {}: status {}", at + 1, r.status)),
+            Err(e) => {
+                dropped.push(format!("node {}: {e}", at + 1));
+                conn = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (answered, dropped, served_by)
+}
+
+#[test]
+fn a_rolling_restart_of_every_node_under_load_drops_no_request() {
+    let mut c = Cluster::formed(3);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "rolling.yaml", &http_spec(bind, "", &servers_yaml(&[(&a, "")])));
+    let fronts: Vec<SocketAddr> = c.nodes.iter().map(|n| n.frontend(bind)).collect();
+    for &at in &fronts {
+        wait_for(Duration::from_secs(5), "every node to serve", || get(at, "/", &[]).ok().filter(|r| r.status == 200));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let (fronts, stop) = (fronts.clone(), stop.clone());
+            std::thread::spawn(move || rolling_client(fronts, i % 3, stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    for id in 1..=3u64 {
+        c.node(id).signal(nix::sys::signal::Signal::SIGTERM);
+        // Its clients leave after their next response: it has nothing left to wait for.
+        let status = wait_for(Duration::from_secs(5), "the node to stop once its clients left", || c.node(id).exited());
+        assert!(status.success(), "node {id}: {status}");
+        c.node(id).start();
+        c.wait_until_answers(id);
+        let at = fronts[id as usize - 1];
+        wait_for(Duration::from_secs(10), "the restarted node to serve", || get(at, "/", &[]).ok().filter(|r| r.status == 200));
+        c.agreed_leader(Duration::from_secs(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Relaxed);
+    let (mut answered, mut dropped, mut served_by) = (0, Vec::new(), [0; 3]);
+    for client in clients {
+        let (n, d, by) = client.join().unwrap();
+        answered += n;
+        dropped.extend(d);
+        for (total, n) in served_by.iter_mut().zip(by) {
+            *total += n;
+        }
+    }
+    eprintln!("rolling restart: {answered} requests answered, by node {served_by:?}");
+    assert!(dropped.is_empty(), "{} of {} requests dropped: {dropped:?}", dropped.len(), answered + dropped.len() as u64);
+    assert!(answered > 500, "the clients kept sending: {answered} answered");
+    assert!(served_by.iter().all(|&n| n > 0), "every node served during the restarts: {served_by:?}");
+    assert_eq!(c.config_versions(), vec![Some(1); 3], "every node back on the committed spec");
+}
