@@ -21,13 +21,12 @@ use std::time::Duration;
 
 use raftlb_proto::spec::Mode;
 use raftlb_raft::Cluster;
-use runtime::{BindRewrite, Runtime, RuntimeWatch, Shared, Slot};
+use runtime::{BindRewrite, FrontendRt, Runtime, RuntimeWatch, Shared, Slot};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use workers::{Placed, Workers};
 
 /// The node stops: no connection is accepted any more, and each HTTP
@@ -45,8 +44,9 @@ pub struct DataPlane {
     workers: Arc<Workers>,
     rewrite: BindRewrite,
     runtime: watch::Sender<Option<Arc<Runtime>>>,
-    /// Per bind address, one accept loop per worker.
-    listeners: HashMap<SocketAddr, Vec<JoinHandle<()>>>,
+    /// Per bind address, what keeps its accept loops (one per worker) going:
+    /// dropped, they serve the clients already connected and close.
+    listeners: HashMap<SocketAddr, watch::Sender<()>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -87,7 +87,7 @@ impl Stop {
 pub struct Held {
     _node: Slot,
     _frontend: Slot,
-    _placed: Placed,
+    placed: Placed,
 }
 
 impl DataPlane {
@@ -142,11 +142,11 @@ impl DataPlane {
 
     fn reconcile_listeners(&mut self) {
         let wanted = self.wanted();
-        self.listeners.retain(|addr, tasks| {
+        self.listeners.retain(|addr, _open| {
             let keep = wanted.contains(addr);
             if !keep {
-                // Stops accepting; the connections it accepted run in their own tasks and finish.
-                tasks.iter().for_each(JoinHandle::abort);
+                // Stops accepting (the sender is dropped); the connections
+                // accepted run in their own tasks and finish.
                 self.shared.listening.lock().expect("listening lock").remove(addr);
                 tracing::info!(%addr, "stopped listening");
             }
@@ -162,14 +162,12 @@ impl DataPlane {
             match (0..self.workers.len()).map(|_| bind(addr)).collect::<std::io::Result<Vec<_>>>() {
                 Ok(sockets) => {
                     tracing::info!(%addr, "listening");
-                    let tasks = sockets
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, socket)| {
-                            self.workers.spawn_on(i, accept_loop(socket, addr, self.runtime.subscribe(), self.workers.clone(), i))
-                        })
-                        .collect();
-                    self.listeners.insert(addr, tasks);
+                    let (open, kept_open) = watch::channel(());
+                    for (i, socket) in sockets.into_iter().enumerate() {
+                        let acceptor = Acceptor { addr, runtime: self.runtime.subscribe(), workers: self.workers.clone(), me: i };
+                        self.workers.spawn_on(i, accept_loop(socket, acceptor, kept_open.clone()));
+                    }
+                    self.listeners.insert(addr, open);
                     self.shared.listening.lock().expect("listening lock").insert(addr);
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "cannot listen on a frontend address; retrying every second"),
@@ -205,9 +203,19 @@ fn accept(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStr
     Ok((socket.into(), peer))
 }
 
+/// One worker's accept loop on one frontend address.
+struct Acceptor {
+    addr: SocketAddr,
+    runtime: RuntimeWatch,
+    workers: Arc<Workers>,
+    me: usize,
+}
+
 /// Accepts on worker `me`'s socket and serves each connection there, or on
-/// a worker that serves clearly fewer.
-async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime: RuntimeWatch, workers: Arc<Workers>, me: usize) {
+/// a worker that serves clearly fewer, until `open` is dropped (the address
+/// is no longer served).
+async fn accept_loop(listener: std::net::TcpListener, acceptor: Acceptor, mut open: watch::Receiver<()>) {
+    let addr = acceptor.addr;
     // SAFETY: the listener owns its file descriptor, and nothing replaces or
     // closes it while the AsyncFd owns the listener.
     let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
@@ -216,19 +224,27 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
     };
     let mut warned: Option<std::time::Instant> = None;
     loop {
-        let Some(rt) = runtime.borrow().clone() else { return };
+        let Some(rt) = acceptor.runtime.borrow().clone() else { return };
         let Some(fe) = rt.by_bind.get(&addr).cloned() else { return };
-        // A slot is taken only once a client waits on this worker's own
-        // socket: a worker holding a slot while the waiting client sits on
-        // another worker's socket would keep both waiting.
-        let mut pending = match listener.readable().await {
+        let client = async {
+            // A slot is taken only once a client waits on this worker's own
+            // socket: a worker holding a slot while the waiting client sits on
+            // another worker's socket would keep both waiting.
+            let pending = listener.readable().await;
+            // At maxconn (the node's or the frontend's) no connection is accepted:
+            // new clients wait in the kernel's backlog, as with HAProxy.
+            (pending, rt.node_slots.take().await, fe.slots.take().await)
+        };
+        let (pending, node_slot, fe_slot) = tokio::select! {
+            biased;
+            // Only ends when the sender is dropped.
+            _ = open.changed() => return acceptor.serve_backlog(listener.get_ref(), &rt, &fe),
+            client = client => client,
+        };
+        let mut pending = match pending {
             Ok(pending) => pending,
             Err(e) => return tracing::error!(%addr, error = %e, "cannot accept on a frontend address"),
         };
-        // At maxconn (the node's or the frontend's) no connection is accepted:
-        // new clients wait in the kernel's backlog, as with HAProxy.
-        let node_slot = rt.node_slots.take().await;
-        let fe_slot = fe.slots.take().await;
         let accepted = match pending.try_io(|l| accept(l.get_ref())) {
             Ok(accepted) => accepted,
             // Nobody waits any more (the client gave up): wait for the next one.
@@ -246,18 +262,38 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
                 continue;
             }
         };
-        // The spec in force now, which may be newer than the one the slots came from.
-        let (rt, fe) = match runtime.borrow().clone() {
-            Some(newer) if !Arc::ptr_eq(&newer, &rt) => match newer.by_bind.get(&addr).cloned() {
-                Some(fe) => (newer, fe),
-                None => continue,
-            },
-            _ => (rt, fe),
+        // The spec in force now, which may be newer than the one the slots
+        // came from; the one it came from if the newer one drops the address.
+        let current = acceptor.runtime.borrow().clone().filter(|newer| !Arc::ptr_eq(newer, &rt));
+        let (rt, fe) = match current.and_then(|newer| Some((newer.by_bind.get(&addr).cloned()?, newer))) {
+            Some((fe, newer)) => (newer, fe),
+            None => (rt, fe),
         };
-        let runtime = runtime.clone();
-        let placed = workers.place(me);
-        let worker = placed.worker;
-        let held = Held { _node: node_slot, _frontend: fe_slot, _placed: placed };
+        acceptor.serve(stream, peer, rt, fe, Held { _node: node_slot, _frontend: fe_slot, placed: acceptor.workers.place(acceptor.me) });
+    }
+}
+
+impl Acceptor {
+    /// The address is no longer served. The clients the kernel has already
+    /// connected (in the listen backlog) are accepted and served, as far as
+    /// `maxconn` allows: closing the socket with them in it would reset
+    /// them. The socket closes when the caller drops it.
+    fn serve_backlog(&self, listener: &std::net::TcpListener, rt: &Arc<Runtime>, fe: &Arc<FrontendRt>) {
+        let mut served = 0;
+        while let (Some(node_slot), Some(fe_slot)) = (rt.node_slots.try_take_slot(), fe.slots.try_take_slot()) {
+            let Ok((stream, peer)) = accept(listener) else { break };
+            let placed = self.workers.place(self.me);
+            self.serve(stream, peer, rt.clone(), fe.clone(), Held { _node: node_slot, _frontend: fe_slot, placed });
+            served += 1;
+        }
+        if served > 0 {
+            tracing::debug!(addr = %self.addr, served, "served the clients already connected before closing the listener");
+        }
+    }
+
+    /// Serves an accepted connection on the worker `held` was placed on.
+    fn serve(&self, stream: std::net::TcpStream, peer: SocketAddr, rt: Arc<Runtime>, fe: Arc<FrontendRt>, held: Held) {
+        let (addr, runtime, worker) = (self.addr, self.runtime.clone(), held.placed.worker);
         let serve = async move {
             let _session = fe.counters.session();
             // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
@@ -277,10 +313,10 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, runtime:
         };
         // Boxed: the future is large, and tokio moves it whole at spawn and at each change of the task's stage.
         let serve = Box::pin(serve);
-        if worker == me {
+        if worker == self.me {
             tokio::spawn(serve);
         } else {
-            workers.spawn_on(worker, serve);
+            self.workers.spawn_on(worker, serve);
         }
     }
 }
@@ -297,5 +333,49 @@ mod tests {
             let listener = bind(addr.parse().unwrap()).unwrap_or_else(|e| panic!("{addr}: {e}"));
             assert_eq!(listener.local_addr().unwrap().ip(), addr.parse::<SocketAddr>().unwrap().ip());
         }
+    }
+
+    /// A frontend address that is no longer served (a new spec, or the node
+    /// stops): the clients the kernel already connected are served, not
+    /// reset by closing the socket, and then the address refuses.
+    #[tokio::test]
+    async fn a_closed_frontend_serves_the_clients_already_connected_then_refuses() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(b"hello\n").await;
+                });
+            }
+        });
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spec = raftlb_proto::spec::Spec::from_yaml(&format!(
+            "frontends:\n  - {{ name: f, bind: [\"{addr}\"], mode: tcp, default_backend: b }}\nbackends:\n  - name: b\n    servers: [{{ name: s, address: \"{server_addr}\" }}]\n"
+        ))
+        .unwrap();
+        let rt = Arc::new(Shared::default().compile(&spec, &BindRewrite::new()));
+        let (_runtime, watch) = watch::channel(Some(rt));
+        // Two clients the kernel connects while nothing accepts yet.
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            waiting.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // The address is dropped before its accept loop ever ran.
+        let (open, kept_open) = watch::channel(());
+        drop(open);
+        let workers = Arc::new(Workers::start(1, &[]).unwrap());
+        let acceptor = Acceptor { addr, runtime: watch, workers: workers.clone(), me: 0 };
+        workers.spawn_on(0, accept_loop(listener, acceptor, kept_open)).await.unwrap();
+        for mut client in waiting {
+            let mut greeting = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut greeting)).await;
+            assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+            assert_eq!(greeting, "hello\n", "a client already connected is served through the proxy");
+        }
+        let refused = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.kind());
+        assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused), "the listener closed after");
     }
 }

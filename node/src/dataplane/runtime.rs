@@ -232,6 +232,11 @@ impl Slots {
         self.taken.fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1)).is_ok()
     }
 
+    /// A slot if one is free now.
+    pub fn try_take_slot(self: &Arc<Self>) -> Option<Slot> {
+        self.try_take().then(|| Slot(self.clone()))
+    }
+
     /// A slot, once one is free.
     pub async fn take(self: &Arc<Self>) -> Slot {
         if self.try_take() {
