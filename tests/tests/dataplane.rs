@@ -844,6 +844,10 @@ fn a_websocket_tunnel_keeps_its_place_under_maxconn() {
     });
     std::thread::sleep(Duration::from_millis(700));
     assert!(!waiting.is_finished(), "a second client was served while the tunnel held the frontend's maxconn 1");
+    // The tunnel is a current session of the frontend and of the server.
+    let stats = c.nodes[0].stats();
+    assert_eq!(stats["frontends"]["web"]["sessions_current"], 1, "{stats}");
+    assert_eq!(stats["backends"]["app"]["servers"]["a"]["sessions_current"], 1, "{stats}");
     ws.write_all(b"still open").unwrap();
     let mut back = [0u8; 10];
     r.read_exact(&mut back).unwrap();

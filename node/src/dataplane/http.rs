@@ -472,7 +472,6 @@ async fn route_and_forward(
         },
         Err(_) => return gateway_timeout(fe, &be, &lease),
     };
-    drop(server_session);
     let status = response.status();
     be.counters.response(status.as_u16());
     lease.state.counters.response(status.as_u16());
@@ -483,8 +482,9 @@ async fn route_and_forward(
             let (tunnel, be) = (rt.timeouts.tunnel.get(), be.clone());
             let client = client.clone();
             tokio::spawn(async move {
-                // The client connection lives on as this tunnel: it keeps its places.
-                let (_lease, _in_flight, _client) = (lease, in_flight, client);
+                // The client connection lives on as this tunnel: it keeps its
+                // places, and the server counts it as a session.
+                let (_lease, _in_flight, _client, _server_session) = (lease, in_flight, client, server_session);
                 if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
                     // The frontend counts the tunnel at the client socket.
                     let up = [&be.counters.bytes_in];
@@ -495,6 +495,7 @@ async fn route_and_forward(
             return response.map(|_| Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
         }
     }
+    drop(server_session);
 
     strip_hop_by_hop(response.headers_mut(), false);
     // The client's hop is HTTP/1.1 whatever the server spoke.

@@ -29,6 +29,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use workers::{Placed, Workers};
 
+use crate::stats::SessionGuard;
+
 /// The node stops: no connection is accepted any more, and each HTTP
 /// request answered from now on is the last of its connection. One data
 /// plane runs per process.
@@ -82,12 +84,14 @@ impl Stop {
 }
 
 /// What a client connection holds while it lives, also once it became a
-/// tunnel: its places under the node's and the frontend's `maxconn`, and its
-/// count on the worker that serves it.
+/// tunnel: its places under the node's and the frontend's `maxconn`, its
+/// count on the worker that serves it, and its count in the frontend's
+/// current sessions.
 pub struct Held {
     _node: Slot,
     _frontend: Slot,
-    placed: Placed,
+    _placed: Placed,
+    _session: SessionGuard,
 }
 
 impl DataPlane {
@@ -269,7 +273,7 @@ async fn accept_loop(listener: std::net::TcpListener, acceptor: Acceptor, mut op
             Some((fe, newer)) => (newer, fe),
             None => (rt, fe),
         };
-        acceptor.serve(stream, peer, rt, fe, Held { _node: node_slot, _frontend: fe_slot, placed: acceptor.workers.place(acceptor.me) });
+        acceptor.serve(stream, peer, rt, fe, (node_slot, fe_slot));
     }
 }
 
@@ -282,8 +286,7 @@ impl Acceptor {
         let mut served = 0;
         while let (Some(node_slot), Some(fe_slot)) = (rt.node_slots.try_take_slot(), fe.slots.try_take_slot()) {
             let Ok((stream, peer)) = accept(listener) else { break };
-            let placed = self.workers.place(self.me);
-            self.serve(stream, peer, rt.clone(), fe.clone(), Held { _node: node_slot, _frontend: fe_slot, placed });
+            self.serve(stream, peer, rt.clone(), fe.clone(), (node_slot, fe_slot));
             served += 1;
         }
         if served > 0 {
@@ -291,11 +294,12 @@ impl Acceptor {
         }
     }
 
-    /// Serves an accepted connection on the worker `held` was placed on.
-    fn serve(&self, stream: std::net::TcpStream, peer: SocketAddr, rt: Arc<Runtime>, fe: Arc<FrontendRt>, held: Held) {
-        let (addr, runtime, worker) = (self.addr, self.runtime.clone(), held.placed.worker);
+    /// Serves an accepted connection, holding `slots`, on this worker or on one that serves clearly fewer.
+    fn serve(&self, stream: std::net::TcpStream, peer: SocketAddr, rt: Arc<Runtime>, fe: Arc<FrontendRt>, slots: (Slot, Slot)) {
+        let placed = self.workers.place(self.me);
+        let (addr, runtime, worker) = (self.addr, self.runtime.clone(), placed.worker);
+        let held = Held { _node: slots.0, _frontend: slots.1, _placed: placed, _session: fe.counters.session() };
         let serve = async move {
-            let _session = fe.counters.session();
             // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
             match fe.spec.mode {
                 // Registered with the reactor of the worker that serves it.
