@@ -62,6 +62,9 @@ pub struct Stop {
     workers: Arc<Workers>,
 }
 
+/// How often a stopping node logs how many connections it still waits for.
+const DRAIN_REPORT: Duration = Duration::from_secs(5);
+
 impl Stop {
     /// Stops accepting and waits until every client connection ended, or
     /// `grace` is over; returns how many are still open then.
@@ -73,12 +76,22 @@ impl Stop {
         if open > 0 {
             tracing::info!(connections = open, ?grace, "stopped accepting; waiting for the open connections to end");
         }
+        let mut told = tokio::time::Instant::now();
         loop {
             let open = self.workers.open();
-            if open == 0 || tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if open == 0 || now >= deadline {
                 return open;
             }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(20))).await;
+            if now - told >= DRAIN_REPORT {
+                tracing::info!(
+                    connections = open,
+                    seconds_left = (deadline - now).as_secs(),
+                    "still waiting for the open connections to end"
+                );
+                told = now;
+            }
+            tokio::time::sleep_until(deadline.min(now + Duration::from_millis(20))).await;
         }
     }
 }
