@@ -240,9 +240,14 @@ async fn accept_loop(listener: std::net::TcpListener, acceptor: Acceptor, mut op
         Err(e) => return tracing::error!(%addr, error = %e, "cannot accept on a frontend address"),
     };
     let mut warned: Option<std::time::Instant> = None;
+    let mut serving: Option<(Arc<Runtime>, Arc<FrontendRt>)> = None;
     loop {
-        let Some(rt) = acceptor.runtime.borrow().clone() else { return };
-        let Some(fe) = rt.by_bind.get(&addr).cloned() else { return };
+        // The spec in force; while a newer one is dropping this address (its
+        // `open` goes next), the last one that served it.
+        if let Some((rt, fe)) = acceptor.current() {
+            serving = Some((rt, fe));
+        }
+        let Some((rt, fe)) = serving.clone() else { return };
         let client = async {
             // A slot is taken only once a client waits on this worker's own
             // socket: a worker holding a slot while the waiting client sits on
@@ -279,18 +284,21 @@ async fn accept_loop(listener: std::net::TcpListener, acceptor: Acceptor, mut op
                 continue;
             }
         };
-        // The spec in force now, which may be newer than the one the slots
-        // came from; the one it came from if the newer one drops the address.
-        let current = acceptor.runtime.borrow().clone().filter(|newer| !Arc::ptr_eq(newer, &rt));
-        let (rt, fe) = match current.and_then(|newer| Some((newer.by_bind.get(&addr).cloned()?, newer))) {
-            Some((fe, newer)) => (newer, fe),
-            None => (rt, fe),
-        };
+        // The spec in force now, which may be newer than the one the slots came from.
+        let changed = acceptor.runtime.borrow().as_ref().is_some_and(|now| !Arc::ptr_eq(now, &rt));
+        let (rt, fe) = if changed { acceptor.current().unwrap_or((rt, fe)) } else { (rt, fe) };
         acceptor.serve(stream, peer, rt, fe, (node_slot, fe_slot));
     }
 }
 
 impl Acceptor {
+    /// The spec in force and this address's frontend in it, if it has one.
+    fn current(&self) -> Option<(Arc<Runtime>, Arc<FrontendRt>)> {
+        let rt = self.runtime.borrow().clone()?;
+        let fe = rt.by_bind.get(&self.addr).cloned()?;
+        Some((rt, fe))
+    }
+
     /// The address is no longer served. The clients the kernel has already
     /// connected (in the listen backlog) are accepted and served, as far as
     /// `maxconn` allows: closing the socket with them in it would reset
