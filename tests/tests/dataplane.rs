@@ -752,7 +752,7 @@ fn a_stopping_node_accepts_nothing_new_and_lets_its_connections_finish() {
     // An idle keep-alive connection, a request in flight and a TCP session.
     let mut idle = KeepAlive::open(web).unwrap();
     assert_eq!(idle.get("/", &[]).unwrap().status, 200);
-    let busy = std::thread::spawn(move || KeepAlive::open(web).and_then(|mut k| k.get("/slow?ms=1500", &[])));
+    let busy = std::thread::spawn(move || KeepAlive::open(web).and_then(|mut k| k.get("/slow?ms=2500", &[])));
     let tcp = wait_for(Duration::from_secs(5), "the tcp frontend", || connect(db, None).ok());
     assert_eq!(line_within(&tcp, Duration::from_secs(2)).unwrap(), "hello from t\n");
     wait_for(Duration::from_secs(5), "the slow request to reach the server", || (a.hits() == hits_before + 2).then_some(()));
