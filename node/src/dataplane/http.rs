@@ -304,8 +304,7 @@ fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
 
 async fn handle(client: &Arc<Client>, req: Request<Incoming>) -> Response<ProxyBody> {
     let first = client.served.fetch_add(1, Relaxed) == 0;
-    let stopping = super::stopping();
-    if stopping || asks_to_close(&req) {
+    if asks_to_close(&req) {
         // hyper closes the connection after this response: no wait for another.
         client.conn.closing.store(true, Relaxed);
     }
@@ -316,9 +315,9 @@ async fn handle(client: &Arc<Client>, req: Request<Incoming>) -> Response<ProxyB
     };
     let mut response = route_and_forward(&rt, &fe, client, req, first, in_flight).await;
     fe.counters.response(response.status().as_u16());
-    // The node stops, or began to while this request was served: the last
+    // The node stops (or began to while this request was served): the last
     // response of this connection (hyper closes it after).
-    if (stopping || super::stopping()) && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    if super::stopping() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
         client.conn.closing.store(true, Relaxed);
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
