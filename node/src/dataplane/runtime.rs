@@ -228,19 +228,16 @@ impl Slots {
         Slots { limit, taken: AtomicU64::new(0), waiting: AtomicUsize::new(0), freed: Notify::new() }
     }
 
-    fn try_take(&self) -> bool {
-        self.taken.fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1)).is_ok()
-    }
-
     /// A slot if one is free now.
     pub fn try_take_slot(self: &Arc<Self>) -> Option<Slot> {
-        self.try_take().then(|| Slot(self.clone()))
+        let taken = self.taken.fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1)).is_ok();
+        taken.then(|| Slot(self.clone()))
     }
 
     /// A slot, once one is free.
     pub async fn take(self: &Arc<Self>) -> Slot {
-        if self.try_take() {
-            return Slot(self.clone());
+        if let Some(slot) = self.try_take_slot() {
+            return slot;
         }
         self.waiting.fetch_add(1, Relaxed);
         // Counted as waiting until this returns or the wait is dropped.
@@ -254,8 +251,8 @@ impl Slots {
             // Pairs with the fence in `Slot::drop`: either this look sees the
             // freed slot, or that release sees this waiter and wakes it.
             fence(SeqCst);
-            if self.try_take() {
-                return Slot(self.clone());
+            if let Some(slot) = self.try_take_slot() {
+                return slot;
             }
             freed.await;
         }
