@@ -359,18 +359,13 @@ fn a_frontend_at_maxconn_holds_new_clients_until_a_slot_frees() {
         servers_yaml(&[(&a, "")])
     );
     apply_spec(&c, 1, "maxconn.yaml", &spec);
-    let greet = |s: &std::net::TcpStream, within: Duration| {
-        s.set_read_timeout(Some(within)).unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).map(|_| line)
-    };
     let first = wait_for(Duration::from_secs(5), "the frontend", || connect(bind, None).ok());
-    assert_eq!(greet(&first, Duration::from_secs(2)).unwrap(), "hello from a\n");
+    assert_eq!(line_within(&first, Duration::from_secs(2)).unwrap(), "hello from a\n");
     // The kernel completes the handshake, but the node does not take the connection.
     let second = connect(bind, None).unwrap();
-    assert!(greet(&second, Duration::from_millis(500)).is_err(), "a second client is served past maxconn 1");
+    assert!(line_within(&second, Duration::from_millis(500)).is_err(), "a second client is served past maxconn 1");
     drop(first);
-    assert_eq!(greet(&second, Duration::from_secs(2)).unwrap(), "hello from a\n", "served once the first left");
+    assert_eq!(line_within(&second, Duration::from_secs(2)).unwrap(), "hello from a\n", "served once the first left");
 }
 
 #[test]
