@@ -34,6 +34,18 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
         Some(addr) => Some(monitor::bind(addr).await?),
         None => None,
     };
+    if let Some(ip) = source {
+        // Every connection to a server would fail to bind it: say so now.
+        std::net::UdpSocket::bind((ip, 0)).map_err(|e| {
+            anyhow::anyhow!(
+                "source {ip} (--source) cannot be used: {e}: give an address of this host, or leave it out for the kernel's choice"
+            )
+        })?;
+    }
+    // The threads before the data dir too: too many for the host fails here.
+    let workers = Arc::new(Workers::start(threads, &worker_cpus).map_err(|e| {
+        anyhow::anyhow!("cannot start {threads} data plane threads (--threads): {e:#}: give fewer, or leave it out for one per core")
+    })?);
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
 
@@ -45,7 +57,6 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
     if !cluster.is_initialized() {
         tracing::info!("not a member of a cluster yet: run `lbctl cluster init` on the first node, or `lbctl node add` on a member");
     }
-    let workers = Arc::new(Workers::start(threads, &worker_cpus).context("cannot start the data plane threads")?);
     match worker_cpus.as_slice() {
         [] => tracing::info!(threads, "data plane threads placed by the kernel"),
         cpus => tracing::info!(threads, ?cpus, "data plane threads pinned, one CPU each in turn"),

@@ -700,23 +700,37 @@ fn data_plane_threads_run_on_the_cpus_the_node_config_names_and_still_serve() {
 }
 
 #[test]
-fn a_cpu_list_the_node_cannot_use_stops_it_with_the_value_named() {
+fn a_data_plane_setting_the_host_cannot_serve_stops_the_node_with_the_value_named() {
     let dir = tempfile::TempDir::new().unwrap();
-    for (cpus, want) in [
-        ("0-x", "invalid value '0-x' for '--cpus <LIST>': \"0-x\" is not a CPU list: write CPU numbers and ranges like 0-3,6, or `auto`, or `none`"),
-        ("1023", "cpus: CPU 1023 is not one this node may run on (it may use"),
+    for (args, want) in [
+        (
+            "--cpus 0-x",
+            "invalid value '0-x' for '--cpus <LIST>': \"0-x\" is not a CPU list: write CPU numbers and ranges like 0-3,6, or `auto`, or `none`",
+        ),
+        ("--cpus 1023", "cpus: CPU 1023 is not one this node may run on (it may use"),
+        // An address of no interface here (the root namespace never has 192.0.2.0/24).
+        (
+            "--source 192.0.2.1",
+            "source 192.0.2.1 (--source) cannot be used: Cannot assign requested address (os error 99): give an address of this host",
+        ),
+        // More threads than 64 open files allow (each has its own reactor).
+        ("--threads 64", "cannot start 64 data plane threads (--threads): "),
     ] {
-        let out = std::process::Command::new(raftlb_tests::binary("lbnode"))
-            .args(["--id", "1", "--listen", &format!("127.0.0.1:{}", raftlb_tests::free_port()), "--cpus", cpus])
-            .arg("--data-dir")
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 64 && exec timeout 10 \"$0\" --id 1 --listen 127.0.0.1:{} --data-dir \"$1\" {args}",
+                raftlb_tests::free_port()
+            ))
+            .arg(raftlb_tests::binary("lbnode"))
             .arg(dir.path().join("node"))
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains(want), "--cpus {cpus}: {stderr}");
+        assert!(!out.status.success() && stderr.contains(want), "{args}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!dir.path().join("node").exists(), "{args}: a refused setting touches no data dir");
     }
-    assert!(!dir.path().join("node").exists(), "a refused config touches no data dir");
 }
 
 /// Reads one line from a TCP-mode connection, within `limit`.
