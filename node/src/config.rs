@@ -276,6 +276,11 @@ impl Overrides {
         if listen.ip().is_unspecified() && advertise == listen.to_string() {
             bail!("--listen {listen} is not an address peers can reach: give --advertise with this node's reachable address");
         }
+        if !is_host_and_port(&advertise) {
+            bail!(
+                "--advertise {advertise:?} is not an address peers can reach: write HOST:PORT, like 10.0.0.1:7001 or lb1.example.net:7001"
+            );
+        }
         if let Some(format) = self.log_format {
             file.log.format = format;
         }
@@ -295,7 +300,13 @@ impl Overrides {
         settings.election_timeout_min = t.election_timeout_min.get();
         settings.election_timeout_max = t.election_timeout_max.get();
         settings.write_timeout = t.write_timeout.get();
-        settings.snapshot_after = t.snapshot_after.max(1);
+        if t.write_timeout.is_zero() {
+            bail!("raft.write_timeout ({}) must be above zero: every write would fail at once", t.write_timeout);
+        }
+        if t.snapshot_after == 0 {
+            bail!("raft.snapshot_after (0) must be 1 or more log entries between two snapshots, like 1000");
+        }
+        settings.snapshot_after = t.snapshot_after;
         settings.logs_kept_after_snapshot = t.logs_kept_after_snapshot;
         let threads = match self.threads.or(file.threads) {
             Some(0) => bail!("--threads 0 would carry no traffic: give 1 or more, or leave it out for one per core"),
@@ -329,6 +340,11 @@ impl Overrides {
                 v.announce_again_after,
                 v.announce_every
             );
+        }
+        for (key, command) in [("on_acquire", &v.on_acquire), ("on_release", &v.on_release)] {
+            if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                bail!("vip.{key} is empty: give the command to run, or leave the key out");
+            }
         }
         if v.lifetime.get() < std::time::Duration::from_secs(1) || v.lifetime.get().subsec_nanos() != 0 {
             bail!("vip.lifetime ({}) must be whole seconds, at least 1s: the kernel counts address lifetimes in seconds", v.lifetime);
@@ -377,6 +393,9 @@ impl Cpus {
             Cpus::Auto if threads == allowed.len() => allowed,
             Cpus::Auto | Cpus::None => return Ok(Vec::new()),
             Cpus::List(list) => {
+                if let Some((_, cpu)) = list.iter().enumerate().find(|(i, c)| list[..*i].contains(c)) {
+                    bail!("cpus: CPU {cpu} is listed more than once: threads that share a CPU stall each other; list each CPU once");
+                }
                 if let Some(cpu) = list.iter().find(|c| !allowed.contains(c)) {
                     bail!(
                         "cpus: CPU {cpu} is not one this node may run on (it may use {}): list CPUs among those, or give `auto` or `none`",
@@ -448,6 +467,16 @@ impl<'de> Deserialize<'de> for Cpus {
         }
         d.deserialize_any(Visitor)
     }
+}
+
+/// `HOST:PORT`: an IP address and port (`[v6]:port` for IPv6), or a DNS name and port.
+fn is_host_and_port(s: &str) -> bool {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = s.rsplit_once(':') else { return false };
+    let name = |label: &str| !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    port.parse::<u16>().is_ok_and(|p| p > 0) && host.len() <= 253 && host.split('.').all(name)
 }
 
 /// The CPUs the calling thread may run on (at start-up: those of the process).
@@ -600,6 +629,32 @@ mod tests {
         assert_eq!(Cpus::List(vec![2, 3]).place(3, &allowed).unwrap(), vec![2, 3, 2], "in turn");
         let err = Cpus::List(vec![1, 7]).place(2, &[0, 1, 2, 3, 6]).unwrap_err().to_string();
         assert_eq!(err, "cpus: CPU 7 is not one this node may run on (it may use 0-3,6): list CPUs among those, or give `auto` or `none`");
+        let twice = "0-1,1".parse::<Cpus>().unwrap();
+        let err = twice.place(2, &allowed).unwrap_err().to_string();
+        assert_eq!(err, "cpus: CPU 1 is listed more than once: threads that share a CPU stall each other; list each CPU once");
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_with_the_key_and_the_value() {
+        for (yaml, says) in [
+            ("raft: { snapshot_after: 0 }", "raft.snapshot_after (0) must be 1 or more"),
+            ("raft: { write_timeout: 0s }", "raft.write_timeout (0s) must be above zero"),
+            ("vip: { on_acquire: \"\" }", "vip.on_acquire is empty: give the command to run, or leave the key out"),
+            ("vip: { on_release: \" \" }", "vip.on_release is empty"),
+            ("advertise: not an address", "--advertise \"not an address\" is not an address peers can reach: write HOST:PORT"),
+            ("advertise: \"::1:7001\"", "--advertise \"::1:7001\" is not an address"),
+            ("advertise: lb1.example.net:0", "--advertise \"lb1.example.net:0\" is not an address"),
+            ("advertise: lb1..example.net:7001", "--advertise \"lb1..example.net:7001\" is not an address"),
+        ] {
+            let (_d, path) = file(&format!("id: 1\nlisten: 127.0.0.1:7001\ndata_dir: /tmp/a\n{yaml}\n"));
+            let err = Overrides { config: Some(path), ..Default::default() }.resolve().unwrap_err().to_string();
+            assert!(err.contains(says), "{yaml}: {err}");
+        }
+        for ok in ["10.0.0.1:7001", "[2001:db8::1]:7001", "lb1.example.net:7001", "lb-1:7001"] {
+            let (_d, path) = file(&format!("id: 1\nlisten: 127.0.0.1:7001\ndata_dir: /tmp/a\nadvertise: \"{ok}\"\n"));
+            let r = Overrides { config: Some(path), ..Default::default() }.resolve().unwrap();
+            assert_eq!(r.settings.addr, ok);
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
                 Some(Sub::Demo(args)) => demo::run(args).await,
                 None => {
                     let node = cli.node.resolve()?;
-                    init_logging(node.log.format, &node.log.level);
+                    init_logging(node.log.format, log_filter(std::env::var("RUST_LOG").ok(), &node.log.level)?);
                     daemon::run(node).await
                 }
             }
@@ -62,13 +62,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+/// The log filter: `RUST_LOG` when set, else `log.level`. A directive that
+/// does not parse is refused, not skipped.
+fn log_filter(rust_log: Option<String>, level: &str) -> anyhow::Result<EnvFilter> {
+    let (source, filter) = match rust_log {
+        Some(env) => ("RUST_LOG", env),
+        None => ("log.level", level.to_owned()),
+    };
+    EnvFilter::builder().parse(&filter).map_err(|e| {
+        anyhow::anyhow!("{source} {filter:?} is not a log filter: {e}: write levels and targets like \"info\" or \"info,openraft=debug\"")
+    })
+}
+
+fn init_logging(format: LogFormat, filter: EnvFilter) {
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_refused_with_where_it_came_from() {
+        assert!(log_filter(None, "info,openraft=off").is_ok());
+        assert!(log_filter(Some("debug".into()), "nonsense[").is_ok(), "RUST_LOG wins over log.level");
+        let err = log_filter(None, "info,=x").unwrap_err().to_string();
+        assert!(err.starts_with("log.level \"info,=x\" is not a log filter: "), "{err}");
+        let err = log_filter(Some("x[".into()), "info").unwrap_err().to_string();
+        assert!(err.starts_with("RUST_LOG \"x[\" is not a log filter: "), "{err}");
     }
 }
