@@ -23,14 +23,37 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// How long to wait for an answer, like 15s or 500ms.
-    #[arg(long, global = true, default_value = "15s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, global = true, default_value = "15s", value_parser = parse_timeout, value_name = "DURATION")]
     timeout: Duration,
     #[command(subcommand)]
     command: Cmd,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    s.parse::<spec::Duration>().map(spec::Duration::get)
+/// A command line clap refused, as one line like every other failure: its
+/// first paragraph (without tips), and the usage when clap gives one.
+fn usage_error(rendered: &str) -> String {
+    let first = rendered.split("\n\n").next().unwrap_or_default();
+    let what = first.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+    let what = what.trim_start_matches("error: ");
+    match rendered.lines().find_map(|l| l.strip_prefix("Usage: ")) {
+        Some(usage) => format!("{what} (usage: {usage})"),
+        None => what.to_owned(),
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match s.parse::<spec::Duration>().map(spec::Duration::get)? {
+        d if d.is_zero() => Err(format!("{s:?} would give up before any answer: give a duration above zero, like \"15s\"")),
+        d => Ok(d),
+    }
+}
+
+/// Config versions are numbered from 1.
+fn parse_version(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a config version: versions are numbered from 1 (see lbctl config history)")),
+        Ok(v) => Ok(v),
+    }
 }
 
 #[derive(Subcommand)]
@@ -147,7 +170,7 @@ enum ConfigCmd {
     },
     /// Print the spec in force, or an earlier version from the history.
     Get {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_version)]
         version: Option<u64>,
     },
     /// List the versions kept for rollback.
@@ -158,11 +181,22 @@ enum ConfigCmd {
         file: PathBuf,
     },
     /// Make an earlier version's spec the spec in force, as a new version.
-    Rollback { version: u64 },
+    Rollback {
+        #[arg(value_parser = parse_version)]
+        version: u64,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and the help shown for a command left unfinished.
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(e) => {
+            eprintln!("lbctl: {}", usage_error(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

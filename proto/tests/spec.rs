@@ -78,6 +78,18 @@ fn every_problem_is_reported_at_once() {
 }
 
 #[test]
+fn an_empty_spec_is_refused_but_an_explicitly_empty_one_is_not() {
+    for empty in ["", "\n  \n", "# nothing yet\n---\n"] {
+        assert_eq!(
+            errors(empty),
+            "the spec is empty: write its frontends and backends (to serve nothing, write `frontends: []` explicitly)"
+        );
+    }
+    let nothing = Spec::from_yaml("frontends: []\n").unwrap();
+    assert!(nothing.frontends.is_empty() && nothing.backends.is_empty());
+}
+
+#[test]
 fn malformed_yaml_says_where() {
     let err = errors("frontends: [\n");
     assert!(err.contains("line 2"), "{err}");

@@ -209,6 +209,24 @@ fn rollback_restores_an_earlier_version_as_a_new_version() {
 }
 
 #[test]
+fn a_malformed_command_line_gets_one_line_with_the_value_and_the_usage() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--timeout", "0s", "cluster", "status"], "lbctl: invalid value '0s' for '--timeout <DURATION>': \"0s\" would give up before any answer: give a duration above zero, like \"15s\""),
+        (&["config", "get", "--version", "0"], "lbctl: invalid value '0' for '--version <VERSION>': \"0\" is not a config version: versions are numbered from 1"),
+        (&["config", "rollback", "x"], "lbctl: invalid value 'x' for '<VERSION>': \"x\" is not a config version"),
+        (&["node", "add", "2"], "lbctl: the following required arguments were not provided: <ADDR> (usage: lbctl node add <ID> <ADDR>)"),
+        (&["cluster", "bogus"], "lbctl: unrecognized subcommand 'bogus' (usage: lbctl cluster [OPTIONS] <COMMAND>)"),
+    ];
+    for (args, want) in cases {
+        let out = std::process::Command::new(raftlb_tests::binary("lbctl")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with(want), "{args:?}: wanted {want:?} in: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: one line, got: {stderr}");
+    }
+}
+
+#[test]
 fn bad_cluster_commands_get_one_clear_line_and_a_failure_exit() {
     let c = Cluster::formed(3);
     let (second, third) = (c.endpoint(2), c.endpoint(3));

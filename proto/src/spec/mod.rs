@@ -337,6 +337,15 @@ impl Spec {
     /// Reads and validates a spec written in YAML. Every problem found is
     /// returned, each with the path of the field and the offending value.
     pub fn from_yaml(text: &str) -> Result<Spec, SpecErrors> {
+        // Every key has a default, so an empty file would read as a spec that
+        // serves nothing: more likely a file cut short than a wish.
+        let content = text.lines().map(str::trim).any(|l| !(l.is_empty() || l.starts_with('#') || l == "---" || l == "..."));
+        if !content {
+            return Err(SpecErrors::one(SpecError::new(
+                "",
+                "the spec is empty: write its frontends and backends (to serve nothing, write `frontends: []` explicitly)",
+            )));
+        }
         let de = serde_norway::Deserializer::from_str(text);
         let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
