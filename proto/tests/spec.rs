@@ -116,6 +116,12 @@ fn bad_values_name_their_field() {
             "frontends:\n  - name: f\n    bind: [\"127.0.0.1:80\"]\n    mode: http\n    rules:\n      - when: {}\n        deny: 403\n",
             "frontends[0].rules[0].when: names no condition",
         ),
+        ("frontends:\n  - name: f\n    bind: [\"127.0.0.1:0\"]\n    mode: tcp\n", "frontends[0].bind[0]: \"127.0.0.1:0\" has port 0: give the port clients connect to"),
+        (
+            "backends:\n  - name: b\n    servers: [{ name: s, address: \"0.0.0.0:80\" }]\n",
+            "backends[0].servers[0].address: \"0.0.0.0:80\" names no host: give the server's own address",
+        ),
+        ("backends:\n  - name: b\n    servers: [{ name: s, address: \"[::]:80\" }]\n", "\"[::]:80\" names no host"),
     ] {
         let err = errors(yaml);
         assert!(err.contains(want), "for\n{yaml}\nwanted {want:?}, got: {err}");

@@ -162,6 +162,12 @@ fn check_frontend(f: &mut Findings, path: &str, fe: &Frontend, backends: &BTreeS
     if fe.bind.is_empty() {
         f.add(format!("{path}.bind"), "is empty: give at least one address and port, like \"192.0.2.100:80\"");
     }
+    for (j, addr) in fe.bind.iter().enumerate() {
+        if addr.0.port() == 0 {
+            // Each data plane thread would get a port of the kernel's choosing, none known to clients.
+            f.add(format!("{path}.bind[{j}]"), format!("\"{}\" has port 0: give the port clients connect to", addr.0));
+        }
+    }
     if fe.maxconn.is_some_and(|m| m.0 == 0) {
         f.add(format!("{path}.maxconn"), "0 would refuse every connection: give 1 or more, or leave it out");
     }
@@ -278,6 +284,9 @@ fn check_backend(f: &mut Findings, path: &str, be: &Backend) {
         }
         if server.address.0.port() == 0 {
             f.add(format!("{spath}.address"), format!("\"{}\" has port 0: give the port the server listens on", server.address));
+        }
+        if server.address.0.ip().is_unspecified() {
+            f.add(format!("{spath}.address"), format!("\"{}\" names no host: give the server's own address", server.address));
         }
         if server.maxconn.is_some_and(|m| m.0 == 0) {
             f.add(format!("{spath}.maxconn"), "0 would refuse every connection: give 1 or more, or leave it out");
