@@ -122,9 +122,27 @@ fn bad_values_name_their_field() {
             "backends[0].servers[0].address: \"0.0.0.0:80\" names no host: give the server's own address",
         ),
         ("backends:\n  - name: b\n    servers: [{ name: s, address: \"[::]:80\" }]\n", "\"[::]:80\" names no host"),
+        (
+            "backends:\n  - name: b\n    health_check: { type: http, host: \"a b\" }\n",
+            "backends[0].health_check.host: \"a b\" is not a host: write a name or address as the Host header carries it",
+        ),
+        (
+            "backends:\n  - name: b\n    health_check: { type: http, path: \"/a b\" }\n",
+            "backends[0].health_check.path: \"/a b\" holds a space or a control character",
+        ),
     ] {
         let err = errors(yaml);
         assert!(err.contains(want), "for\n{yaml}\nwanted {want:?}, got: {err}");
+    }
+    // Every bad part of one rule is reported at once.
+    let rule = "frontends:\n  - name: f\n    bind: [\"127.0.0.1:80\"]\n    mode: http\n    default_backend: b\n    rules:\n      - when: { host: \"x.example/\", path_prefix: \"/a\\tb\", header: { name: X-A, value: \"1\\n\" } }\n        deny: 403\nbackends: [{ name: b }]\n";
+    let err = errors(rule);
+    for want in [
+        "rules[0].when.host",
+        "rules[0].when.path_prefix: \"/a\\tb\" holds a space",
+        "rules[0].when.header.value: \"1\\n\" holds a control character",
+    ] {
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
     }
 }
 

@@ -198,13 +198,15 @@ fn check_frontend(f: &mut Findings, path: &str, fe: &Frontend, backends: &BTreeS
         if w.host.is_none() && w.path_prefix.is_none() && w.header.is_none() && w.src.is_empty() && w.src_not.is_empty() {
             f.add(format!("{rpath}.when"), "names no condition: give host, path_prefix, header, src or src_not");
         }
+        if let Some(host) = &w.host {
+            check_host(f, format!("{rpath}.when.host"), host);
+        }
         if let Some(p) = &w.path_prefix {
-            if !p.starts_with('/') {
-                f.add(format!("{rpath}.when.path_prefix"), format!("{p:?} does not start with '/'"));
-            }
+            check_path(f, format!("{rpath}.when.path_prefix"), p);
         }
         if let Some(h) = &w.header {
             check_header_name(f, format!("{rpath}.when.header.name"), &h.name);
+            check_header_value(f, format!("{rpath}.when.header.value"), &h.value);
         }
         match (rule.deny, &rule.use_backend) {
             (Some(_), Some(_)) => f.add(rpath.clone(), "has both deny and use_backend: a rule does one of them"),
@@ -220,12 +222,7 @@ fn check_frontend(f: &mut Findings, path: &str, fe: &Frontend, backends: &BTreeS
     if let Some(edits) = &fe.request_headers {
         for (name, value) in &edits.set {
             check_header_name(f, format!("{path}.request_headers.set.{name}"), name);
-            if value.chars().any(|c| c.is_control() && c != '\t') {
-                f.add(
-                    format!("{path}.request_headers.set.{name}"),
-                    format!("{value:?} holds a control character: a header value is one line of text"),
-                );
-            }
+            check_header_value(f, format!("{path}.request_headers.set.{name}"), value);
         }
         for (i, name) in edits.delete.iter().enumerate() {
             check_header_name(f, format!("{path}.request_headers.delete[{i}]"), name);
@@ -237,6 +234,28 @@ fn check_header_name(f: &mut Findings, path: String, name: &str) {
     let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if name.is_empty() || !name.chars().all(token) {
         f.add(path, format!("{name:?} is not a header name: use letters, digits and '-', like \"X-Served-By\""));
+    }
+}
+
+fn check_header_value(f: &mut Findings, path: String, value: &str) {
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        f.add(path, format!("{value:?} holds a control character: a header value is one line of text"));
+    }
+}
+
+/// A host as the Host header carries it: a name or address, maybe a port.
+fn check_host(f: &mut Findings, path: String, host: &str) {
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || "/?#@\"".contains(c)) {
+        f.add(path, format!("{host:?} is not a host: write a name or address as the Host header carries it, like \"api.example.com\""));
+    }
+}
+
+/// A request path: from '/', no spaces or control characters (they end the request line).
+fn check_path(f: &mut Findings, path: String, value: &str) {
+    if !value.starts_with('/') {
+        f.add(path, format!("{value:?} does not start with '/'"));
+    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        f.add(path, format!("{value:?} holds a space or a control character: write it as it goes in a URL, like /a%20b"));
     }
 }
 
@@ -255,8 +274,9 @@ fn check_backend(f: &mut Findings, path: &str, be: &Backend) {
         if hc.port == Some(0) {
             f.add(format!("{hpath}.port"), "0 is not a port: give 1 to 65535, or leave it out to check the traffic port");
         }
-        if !hc.path.starts_with('/') {
-            f.add(format!("{hpath}.path"), format!("{:?} does not start with '/'", hc.path));
+        check_path(f, format!("{hpath}.path"), &hc.path);
+        if let Some(host) = &hc.host {
+            check_host(f, format!("{hpath}.host"), host);
         }
         if hc.method.is_empty() || !hc.method.chars().all(|c| c.is_ascii_uppercase()) {
             f.add(
