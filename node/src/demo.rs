@@ -43,8 +43,8 @@ struct DemoNode {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let base = args.base_port;
-    if base.checked_add(2001).is_none() {
-        bail!("--base-port {base} is too high: the demo uses it and the 2001 ports above it");
+    if base == 0 || base.checked_add(2001).is_none() {
+        bail!("--base-port {base} is out of range: the demo uses it and the 2001 ports above it; give 1 to {}", u16::MAX - 2001);
     }
     let (front, web1, web2) = (base + 1079, base + 2000, base + 2001);
     for (name, port) in [("web1", web1), ("web2", web2)] {

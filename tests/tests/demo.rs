@@ -122,3 +122,16 @@ fn the_demo_nodes_stop_when_the_demo_is_killed() {
     demo.wait().unwrap();
     wait_for(Duration::from_secs(10), "the demo nodes to stop after the demo was killed", || none_answers(base).then_some(()));
 }
+
+#[test]
+fn a_base_port_the_demo_cannot_use_is_refused_with_the_range() {
+    for base in ["0", "65000"] {
+        let out = Command::new(binary("lbnode")).args(["demo", "--base-port", base]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--base-port {base}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--base-port {base} is out of range: the demo uses it and the 2001 ports above it; give 1 to 63534")),
+            "--base-port {base}: {stderr}"
+        );
+    }
+}
