@@ -330,12 +330,33 @@ enum Route<'a> {
     Nowhere,
 }
 
+/// The request's host, made one as HAProxy makes it before routing: a
+/// second `Host` header, or none on HTTP/1.1, is a malformed request (a rule
+/// would see one host and the server another); an absolute-form target's
+/// authority is the host (the server uses it, RFC 9112 3.2.2), and the
+/// `Host` header is set to it.
+fn settle_host(req: &mut Request<Incoming>) -> Result<(), ()> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (first, second) = (hosts.next().is_some(), hosts.next().is_some());
+    if second {
+        return Err(());
+    }
+    match req.uri().authority().map(|a| HeaderValue::from_str(a.as_str())) {
+        Some(Ok(authority)) => {
+            req.headers_mut().insert(header::HOST, authority);
+            Ok(())
+        }
+        Some(Err(_)) => Err(()),
+        None if !first && req.version() == hyper::Version::HTTP_11 => Err(()),
+        None => Ok(()),
+    }
+}
+
 fn route<'a>(fe: &'a FrontendRt, req: &Request<Incoming>, peer: SocketAddr) -> Route<'a> {
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
         .map(|h| h.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(h, |(name, _)| name));
     for rule in &fe.spec.rules {
         let w = &rule.when;
@@ -363,6 +384,14 @@ async fn route_and_forward(
     first: bool,
     in_flight: InFlight,
 ) -> Response<ProxyBody> {
+    if settle_host(&mut req).is_err() {
+        // As for any malformed request: answered, and the connection closed.
+        Counters::add(&fe.counters.errors, 1);
+        client.conn.closing.store(true, Relaxed);
+        let mut response = error_response(StatusCode::BAD_REQUEST, "Your browser sent an invalid request.");
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     let be = match route(fe, &req, client.peer) {
         Route::Deny(status) => {
             Counters::add(&fe.counters.denied, 1);
