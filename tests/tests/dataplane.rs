@@ -527,17 +527,21 @@ backends:
         client::read_reply(&mut BufReader::new(s)).unwrap()
     };
     assert_eq!(raw("GET / HTTP/1.1\r\nHost: API.example.com:8080\r\nConnection: close\r\n\r\n").server(), "api");
-    // One host for the rules and the server: two Host headers, or none on
-    // HTTP/1.1, are refused; an absolute-form target's host wins, as the server takes it.
+    // One host for the rules and the server: Host headers that disagree with
+    // each other or with an absolute-form target's host are refused.
     let (app_hits, api_hits) = (app.hits(), api.hits());
     let two = raw("GET / HTTP/1.1\r\nHost: app.example.com\r\nHost: api.example.com\r\nConnection: close\r\n\r\n");
     assert_eq!(two.status, 400);
-    assert_eq!(raw("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").status, 400);
-    assert_eq!((app.hits(), api.hits()), (app_hits, api_hits), "a refused request reaches no server");
     let absolute = raw("GET http://api.example.com/ HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n");
-    assert_eq!(absolute.server(), "api");
-    assert_eq!(absolute.json()["headers"]["host"], "api.example.com", "the Host header follows the target");
-    assert_eq!(raw("GET / HTTP/1.0\r\n\r\n").server(), "app", "HTTP/1.0 needs no Host");
+    assert_eq!(absolute.status, 400);
+    assert_eq!((app.hits(), api.hits()), (app_hits, api_hits), "a refused request reaches no server");
+    let same = raw("GET / HTTP/1.1\r\nHost: api.example.com\r\nHost: API.example.com\r\nConnection: close\r\n\r\n");
+    assert_eq!(same.server(), "api");
+    assert_eq!(same.json()["headers"]["host"], "api.example.com", "repeated equal hosts go on as one");
+    let absolute = raw("GET http://api.example.com:80/ HTTP/1.1\r\nHost: API.example.com\r\nConnection: close\r\n\r\n");
+    assert_eq!(absolute.server(), "api", "the default port is no difference");
+    assert_eq!(raw("GET http://api.example.com/ HTTP/1.1\r\nConnection: close\r\n\r\n").server(), "api", "no Host: the target's host");
+    assert_eq!(raw("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").server(), "app", "no host at all: the default backend");
     assert_eq!(get(bind, "/", &[("X-Canary", "1")]).unwrap().server(), "api");
     assert_eq!(get(bind, "/", &[("X-Canary", "2")]).unwrap().server(), "app");
 

@@ -330,26 +330,33 @@ enum Route<'a> {
     Nowhere,
 }
 
-/// The request's host, made one as HAProxy makes it before routing: a
-/// second `Host` header, or none on HTTP/1.1, is a malformed request (a rule
-/// would see one host and the server another); an absolute-form target's
-/// authority is the host (the server uses it, RFC 9112 3.2.2), and the
-/// `Host` header is set to it.
+/// One host for the rules and the server, as HAProxy settles it: `Host`
+/// headers that disagree, or a `Host` header that disagrees with an
+/// absolute-form target's authority (which the server takes, RFC 9112
+/// 3.2.2), make a malformed request; repeated equal `Host` headers become one.
 fn settle_host(req: &mut Request<Incoming>) -> Result<(), ()> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    let (first, second) = (hosts.next().is_some(), hosts.next().is_some());
-    if second {
-        return Err(());
-    }
-    match req.uri().authority().map(|a| HeaderValue::from_str(a.as_str())) {
-        Some(Ok(authority)) => {
-            req.headers_mut().insert(header::HOST, authority);
-            Ok(())
+    let Some(host) = hosts.next() else { return Ok(()) };
+    let mut repeated = false;
+    for other in hosts {
+        if !other.as_bytes().eq_ignore_ascii_case(host.as_bytes()) {
+            return Err(());
         }
-        Some(Err(_)) => Err(()),
-        None if !first && req.version() == hyper::Version::HTTP_11 => Err(()),
-        None => Ok(()),
+        repeated = true;
     }
+    if let Some(authority) = req.uri().authority() {
+        // A scheme's default port is no part of the comparison (`http://a:80/` is `a`).
+        let default_port = if req.uri().scheme() == Some(&hyper::http::uri::Scheme::HTTPS) { ":443" } else { ":80" };
+        let bare = |h: &[u8]| h.strip_suffix(default_port.as_bytes()).unwrap_or(h).to_ascii_lowercase();
+        if bare(host.as_bytes()) != bare(authority.as_str().as_bytes()) {
+            return Err(());
+        }
+    }
+    if repeated {
+        let host = host.clone();
+        req.headers_mut().insert(header::HOST, host);
+    }
+    Ok(())
 }
 
 fn route<'a>(fe: &'a FrontendRt, req: &Request<Incoming>, peer: SocketAddr) -> Route<'a> {
@@ -357,6 +364,7 @@ fn route<'a>(fe: &'a FrontendRt, req: &Request<Incoming>, peer: SocketAddr) -> R
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
         .map(|h| h.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(h, |(name, _)| name));
     for rule in &fe.spec.rules {
         let w = &rule.when;
