@@ -423,6 +423,12 @@ fn an_oversized_head_gets_431_and_garbage_gets_400() {
     assert_eq!(raw(b"\x16\x03\x01 this is not http\r\n\r\n"), 400);
     assert_eq!(raw(b"GET / HTTP/1.1\r\nHost lb.test\r\n\r\n"), 400);
     assert_eq!(a.hits(), hits, "nothing malformed reached the server");
+    // A malformed chunk in a request body is the client's error, not the server's.
+    let bad_chunk = raw(b"POST / HTTP/1.1\r\nHost: lb.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n");
+    assert_eq!(bad_chunk, 400);
+    let stats = c.nodes[0].stats();
+    assert_eq!(stats["backends"]["app"]["errors"], 0, "the server is not blamed: {stats}");
+    assert_eq!(stats["backends"]["app"]["servers"]["a"]["errors"], 0, "{stats}");
 }
 
 #[test]

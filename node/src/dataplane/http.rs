@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,6 +45,8 @@ pub struct Pool {
 }
 
 const NO_SERVER: &str = "No server is available to handle this request.";
+const BAD_REQUEST: &str = "Your browser sent an invalid request.";
+const REQUEST_TIMEOUT: &str = "Your browser didn't send a complete request in time.";
 
 /// Idle connections kept per server.
 const POOL_LIMIT: usize = 256;
@@ -259,7 +261,7 @@ pub async fn serve(
         _ if conn.head_timed_out.load(Relaxed) => {
             Counters::add(&fe.counters.errors, 1);
             fe.counters.response(408);
-            let reply = canned(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
+            let reply = canned(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT);
             let socket = returned.lock().expect("returned socket lock").take();
             if let Some(mut stream) = socket.and_then(|s| s.polled().ok()) {
                 // Bounded: a client that reads nothing does not keep the connection.
@@ -290,6 +292,15 @@ fn canned(status: StatusCode, text: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// An error answer after which the connection cannot go on (the request was
+/// malformed or not read whole): hyper closes it once this is written.
+fn last_answer(client: &Client, status: StatusCode, text: &str) -> Response<ProxyBody> {
+    client.conn.closing.store(true, Relaxed);
+    let mut response = error_response(status, text);
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
@@ -393,12 +404,8 @@ async fn route_and_forward(
     in_flight: InFlight,
 ) -> Response<ProxyBody> {
     if settle_host(&mut req).is_err() {
-        // As for any malformed request: answered, and the connection closed.
         Counters::add(&fe.counters.errors, 1);
-        client.conn.closing.store(true, Relaxed);
-        let mut response = error_response(StatusCode::BAD_REQUEST, "Your browser sent an invalid request.");
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
+        return last_answer(client, StatusCode::BAD_REQUEST, BAD_REQUEST);
     }
     let be = match route(fe, &req, client.peer) {
         Route::Deny(status) => {
@@ -475,10 +482,10 @@ async fn route_and_forward(
     // The backend's and the server's: the frontend's bytes are counted at the client socket.
     let counters = [be.counters.clone(), lease.state.counters.clone()];
     // Most requests have no body: nothing to count, nor to wait for.
-    let client_stalled = (!req.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+    let client_fault = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU8::new(CLIENT_OK)));
     let req = req.map(|body| RequestBody {
-        watch: client_stalled.as_ref().map(|stalled| {
-            Box::new(BodyWatch { quiet: IdleTimer::new(rt.timeouts.client.get()), stalled: stalled.clone(), counters: counters.clone() })
+        watch: client_fault.as_ref().map(|fault| {
+            Box::new(BodyWatch { quiet: IdleTimer::new(rt.timeouts.client.get()), fault: fault.clone(), counters: counters.clone() })
         }),
         inner: body,
     });
@@ -499,10 +506,15 @@ async fn route_and_forward(
                 },
                 Err(_) => return bad_gateway(fe, &be, &lease),
             },
-            // The client stopped sending its request body for timeouts.client.
-            None if client_stalled.is_some_and(|s| s.load(Relaxed)) => {
+            // The request body failed on the client's side: not the server's fault.
+            None if client_fault.as_ref().is_some_and(|f| f.load(Relaxed) != CLIENT_OK) => {
                 Counters::add(&fe.counters.errors, 1);
-                return error_response(StatusCode::REQUEST_TIMEOUT, "Your browser didn't send a complete request in time.");
+                return match client_fault.map(|f| f.load(Relaxed)) {
+                    // It stopped sending its request body for timeouts.client.
+                    Some(CLIENT_STALLED) => last_answer(client, StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT),
+                    // A malformed body (a bad chunk), or the client left mid-body.
+                    _ => last_answer(client, StatusCode::BAD_REQUEST, BAD_REQUEST),
+                };
             }
             None => return bad_gateway(fe, &be, &lease),
         },
@@ -1067,10 +1079,16 @@ struct RequestBody {
     watch: Option<Box<BodyWatch>>,
 }
 
+/// How a request body failed on the client's side (`BodyWatch::fault`).
+const CLIENT_OK: u8 = 0;
+const CLIENT_STALLED: u8 = 1;
+const CLIENT_BROKE: u8 = 2;
+
 struct BodyWatch {
     quiet: IdleTimer,
-    /// Set when the client stalled, so the request is answered 408, not 502.
-    stalled: Arc<AtomicBool>,
+    /// Set when the body fails on the client's side, so the request is
+    /// answered 408 or 400, not 502.
+    fault: Arc<AtomicU8>,
     counters: [Arc<Counters>; 2],
 }
 
@@ -1092,10 +1110,14 @@ impl Body for RequestBody {
                 watch.quiet.activity();
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Ready(Some(Err(e))) => {
+                watch.fault.store(CLIENT_BROKE, Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 if watch.quiet.poll_quiet(cx).is_ready() {
-                    watch.stalled.store(true, Relaxed);
+                    watch.fault.store(CLIENT_STALLED, Relaxed);
                     return Poll::Ready(Some(Err(format!("the client sent nothing for {:?}", watch.quiet.limit).into())));
                 }
                 Poll::Pending
