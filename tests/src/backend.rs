@@ -91,7 +91,8 @@ where
 /// "path", "headers", "body_bytes"}`, and: `/stall` never answers;
 /// `/slow?ms=N` answers after N ms; `/big?mb=N` answers N MiB; `/empty`
 /// answers 204 with no body; an Upgrade request gets 101 and then an echo of
-/// the bytes that follow.
+/// the bytes that follow, and so does a CONNECT with 200, unless it is to
+/// `refuse.test`, which gets 403.
 pub fn http_server(name: &str, addr: &str) -> TestServer {
     spawn_server(name, addr, |stream, name, hits| async move {
         let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
@@ -109,19 +110,15 @@ pub fn http_server(name: &str, addr: &str) -> TestServer {
                 if path == "/empty" {
                     return Ok::<_, Infallible>(Response::builder().status(204).body(Full::new(Bytes::new())).unwrap());
                 }
+                if req.method() == hyper::Method::CONNECT {
+                    if req.uri().host() == Some("refuse.test") {
+                        return Ok(Response::builder().status(403).body(Full::new(Bytes::from_static(b"not there"))).unwrap());
+                    }
+                    echo_once_upgraded(hyper::upgrade::on(&mut req));
+                    return Ok(Response::new(Full::new(Bytes::new())));
+                }
                 if req.headers().contains_key(hyper::header::UPGRADE) {
-                    let upgrade = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        if let Ok(up) = upgrade.await {
-                            let mut io = TokioIo::new(up);
-                            let mut buf = [0u8; 1024];
-                            while let Ok(n) = io.read(&mut buf).await {
-                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    });
+                    echo_once_upgraded(hyper::upgrade::on(&mut req));
                     return Ok(Response::builder()
                         .status(101)
                         .header("connection", "upgrade")
@@ -146,6 +143,21 @@ pub fn http_server(name: &str, addr: &str) -> TestServer {
         });
         let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await;
     })
+}
+
+/// Echoes the bytes that follow on a connection once it is upgraded.
+fn echo_once_upgraded(upgrade: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        if let Ok(up) = upgrade.await {
+            let mut io = TokioIo::new(up);
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
 }
 
 /// A TCP server that first sends back what arrived before its greeting

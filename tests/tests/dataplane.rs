@@ -591,6 +591,31 @@ fn the_queue_holds_requests_at_maxconn_and_answers_503_after_its_timeout() {
 }
 
 #[test]
+fn a_connect_is_tunnelled_when_the_server_agrees_and_answered_when_it_refuses() {
+    let c = Cluster::formed(1);
+    let (_server, bind) = serve_one(&c, "connect.yaml");
+    let mut s = connect(bind, None).unwrap();
+    s.write_all(b"CONNECT tunnel.test:443 HTTP/1.1\r\nHost: tunnel.test:443\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    // A 2xx to a CONNECT has no body: the tunnel starts after its head.
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(r.read_line(&mut head).unwrap() > 0, "the connection closed in the head: {head:?}");
+    }
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    for msg in ["first bytes", "second bytes"] {
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        r.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    let mut s = connect(bind, None).unwrap();
+    s.write_all(b"CONNECT refuse.test:443 HTTP/1.1\r\nHost: refuse.test:443\r\n\r\n").unwrap();
+    let refused = client::read_reply(&mut BufReader::new(s)).unwrap();
+    assert_eq!((refused.status, refused.body.as_str()), (403, "not there"));
+}
+
+#[test]
 fn a_websocket_upgrade_is_tunnelled_both_ways() {
     let c = Cluster::formed(1);
     let (_server, bind) = serve_one(&c, "ws.yaml");

@@ -324,11 +324,12 @@ async fn handle(client: &Arc<Client>, req: Request<Incoming>) -> Response<ProxyB
     let Some((rt, fe)) = client.current() else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER);
     };
+    let connect = req.method() == hyper::Method::CONNECT;
     let mut response = route_and_forward(&rt, &fe, client, req, first, in_flight).await;
     fe.counters.response(response.status().as_u16());
     // The node stops (or began to while this request was served): the last
     // response of this connection (hyper closes it after).
-    if super::stopping() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    if super::stopping() && !opens_tunnel(connect, response.status()) {
         client.conn.closing.store(true, Relaxed);
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -420,7 +421,10 @@ async fn route_and_forward(
         Route::Nowhere => return error_response(StatusCode::SERVICE_UNAVAILABLE, NO_SERVER),
     };
     let upgrade = wants_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // An Upgrade (WebSocket) or a CONNECT becomes a tunnel if the server agrees.
+    let connect = req.method() == hyper::Method::CONNECT;
+    let tunnel = upgrade || connect;
+    let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if let Some(edits) = &fe.spec.request_headers {
         for name in &edits.delete {
@@ -444,11 +448,11 @@ async fn route_and_forward(
         HttpReuse::Never => false,
         HttpReuse::Safe => !first,
         HttpReuse::Always => true,
-    } && !upgrade;
+    } && !tunnel;
     let (connect_timeout, source) = (rt.timeouts.connect.get(), rt.source);
     let never = be.spec.http_reuse == HttpReuse::Never;
     let got = with_retries(rt, &be, client.peer.ip(), cookie_server.as_deref(), |server| {
-        let pooled = if never && !upgrade {
+        let pooled = if never && !tunnel {
             // The client's own connection, if it goes to this server.
             let mut own = client.own.lock().expect("own connection lock");
             own.take_if(|own| own.server == server.addr).map(|own| own.sender)
@@ -466,7 +470,7 @@ async fn route_and_forward(
                     return Ok(sender);
                 }
             }
-            handshake(addr, source, connect_timeout, upgrade).await
+            handshake(addr, source, connect_timeout, tunnel).await
         }
     })
     .await;
@@ -495,7 +499,7 @@ async fn route_and_forward(
         Ok(Ok(resp)) => resp,
         Ok(Err(mut e)) => match e.take_message() {
             // A pooled connection the server had closed: the request was not sent, so a fresh connection may carry it.
-            Some(req) => match handshake(lease.state.addr, source, connect_timeout, upgrade).await {
+            Some(req) => match handshake(lease.state.addr, source, connect_timeout, tunnel).await {
                 Ok(mut fresh) => match client.within(server_timeout, fresh.send_request(req)).await {
                     Ok(Ok(resp)) => {
                         sender = fresh;
@@ -524,10 +528,10 @@ async fn route_and_forward(
     be.counters.response(status.as_u16());
     lease.state.counters.response(status.as_u16());
 
-    if status == StatusCode::SWITCHING_PROTOCOLS {
+    if opens_tunnel(connect, status) {
         if let Some(client_upgrade) = client_upgrade {
             let server_upgrade = hyper::upgrade::on(&mut response);
-            let (tunnel, be) = (rt.timeouts.tunnel.get(), be.clone());
+            let (idle_limit, be) = (rt.timeouts.tunnel.get(), be.clone());
             let client = client.clone();
             tokio::spawn(async move {
                 // The client connection lives on as this tunnel: it keeps its
@@ -537,7 +541,7 @@ async fn route_and_forward(
                     // The frontend counts the tunnel at the client socket.
                     let up = [&be.counters.bytes_in];
                     let down = [&be.counters.bytes_out];
-                    let _ = pipe(TokioIo::new(c), TokioIo::new(s), tunnel, &up, &down).await;
+                    let _ = pipe(TokioIo::new(c), TokioIo::new(s), idle_limit, &up, &down).await;
                 }
             });
             return response.map(|_| Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
@@ -655,6 +659,11 @@ impl AsyncWrite for ServerIo {
 fn asks_to_close(req: &Request<Incoming>) -> bool {
     let headers = req.headers();
     connection_has(headers, "close") || (req.version() == hyper::Version::HTTP_10 && !connection_has(headers, "keep-alive"))
+}
+
+/// Whether a response opens a tunnel: 101 to an Upgrade, 2xx to a CONNECT.
+fn opens_tunnel(connect: bool, status: StatusCode) -> bool {
+    status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success())
 }
 
 fn wants_upgrade(headers: &HeaderMap) -> bool {
