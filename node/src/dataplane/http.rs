@@ -510,17 +510,20 @@ async fn route_and_forward(
                 },
                 Err(_) => return bad_gateway(fe, &be, &lease),
             },
-            // The request body failed on the client's side: not the server's fault.
-            None if client_fault.as_ref().is_some_and(|f| f.load(Relaxed) != CLIENT_OK) => {
+            None => {
+                let fault = client_fault.map_or(CLIENT_OK, |f| f.load(Relaxed));
+                if fault == CLIENT_OK {
+                    return bad_gateway(fe, &be, &lease);
+                }
+                // The request body failed on the client's side: not the server's fault.
                 Counters::add(&fe.counters.errors, 1);
-                return match client_fault.map(|f| f.load(Relaxed)) {
+                return match fault {
                     // It stopped sending its request body for timeouts.client.
-                    Some(CLIENT_STALLED) => last_answer(client, StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT),
+                    CLIENT_STALLED => last_answer(client, StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT),
                     // A malformed body (a bad chunk), or the client left mid-body.
                     _ => last_answer(client, StatusCode::BAD_REQUEST, BAD_REQUEST),
                 };
             }
-            None => return bad_gateway(fe, &be, &lease),
         },
         Err(_) => return gateway_timeout(fe, &be, &lease),
     };
