@@ -295,17 +295,17 @@ impl Overrides {
         if t.heartbeat.is_zero() || t.heartbeat >= t.election_timeout_min {
             bail!("raft.heartbeat ({}) must be above zero and below raft.election_timeout_min ({})", t.heartbeat, t.election_timeout_min);
         }
-        let mut settings = Settings::new(id, advertise, data_dir);
-        settings.heartbeat = t.heartbeat.get();
-        settings.election_timeout_min = t.election_timeout_min.get();
-        settings.election_timeout_max = t.election_timeout_max.get();
-        settings.write_timeout = t.write_timeout.get();
         if t.write_timeout.is_zero() {
             bail!("raft.write_timeout ({}) must be above zero: every write would fail at once", t.write_timeout);
         }
         if t.snapshot_after == 0 {
             bail!("raft.snapshot_after (0) must be 1 or more log entries between two snapshots, like 1000");
         }
+        let mut settings = Settings::new(id, advertise, data_dir);
+        settings.heartbeat = t.heartbeat.get();
+        settings.election_timeout_min = t.election_timeout_min.get();
+        settings.election_timeout_max = t.election_timeout_max.get();
+        settings.write_timeout = t.write_timeout.get();
         settings.snapshot_after = t.snapshot_after;
         settings.logs_kept_after_snapshot = t.logs_kept_after_snapshot;
         let threads = match self.threads.or(file.threads) {

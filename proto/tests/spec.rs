@@ -127,6 +127,10 @@ fn bad_values_name_their_field() {
             "backends[0].health_check.host: \"a b\" is not a host: write a name or address as the Host header carries it",
         ),
         (
+            "frontends:\n  - name: f\n    bind: [\"127.0.0.1:80\"]\n    mode: http\n    default_backend: b\n    rules:\n      - when: { host: \"api.example.com:8080\" }\n        use_backend: b\nbackends: [{ name: b }]\n",
+            "frontends[0].rules[0].when.host: \"api.example.com:8080\" has a port: a rule matches the host without its port",
+        ),
+        (
             "backends:\n  - name: b\n    health_check: { type: http, path: \"/a b\" }\n",
             "backends[0].health_check.path: \"/a b\" holds a space or a control character",
         ),

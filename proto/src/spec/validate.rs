@@ -200,6 +200,12 @@ fn check_frontend(f: &mut Findings, path: &str, fe: &Frontend, backends: &BTreeS
         }
         if let Some(host) = &w.host {
             check_host(f, format!("{rpath}.when.host"), host);
+            if !host.starts_with('[') && host.contains(':') {
+                f.add(
+                    format!("{rpath}.when.host"),
+                    format!("{host:?} has a port: a rule matches the host without its port, like \"api.example.com\""),
+                );
+            }
         }
         if let Some(p) = &w.path_prefix {
             check_path(f, format!("{rpath}.when.path_prefix"), p);
