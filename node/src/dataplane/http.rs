@@ -408,6 +408,11 @@ async fn route_and_forward(
         Counters::add(&fe.counters.errors, 1);
         return last_answer(client, StatusCode::BAD_REQUEST, BAD_REQUEST);
     }
+    if !req.body().is_end_stream() && codes_beyond_chunked(req.headers()) {
+        // The body goes on chunked: another coding would be lost on the way.
+        Counters::add(&fe.counters.errors, 1);
+        return last_answer(client, StatusCode::UNPROCESSABLE_ENTITY, "The server cannot process the contained instructions.");
+    }
     let be = match route(fe, &req, client.peer) {
         Route::Deny(status) => {
             Counters::add(&fe.counters.denied, 1);
@@ -662,6 +667,15 @@ impl AsyncWrite for ServerIo {
 fn asks_to_close(req: &Request<Incoming>) -> bool {
     let headers = req.headers();
     connection_has(headers, "close") || (req.version() == hyper::Version::HTTP_10 && !connection_has(headers, "keep-alive"))
+}
+
+/// Whether a request's `Transfer-Encoding` names a coding besides chunked
+/// (like `gzip, chunked`): HAProxy answers such a request 422.
+fn codes_beyond_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| v.to_str().map_or(true, |v| v.split(',').any(|coding| !coding.trim().eq_ignore_ascii_case("chunked"))))
 }
 
 /// Whether a response opens a tunnel: 101 to an Upgrade, 2xx to a CONNECT.
