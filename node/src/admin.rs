@@ -302,7 +302,7 @@ impl Admin for AdminService {
         if id == 0 {
             return Err(Status::invalid_argument("node id 0 is not valid: use a number above 0"));
         }
-        if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+        if !crate::config::is_host_and_port(&addr) {
             return Err(Status::invalid_argument(format!("{addr:?} is not an address: write it as HOST:PORT, like 127.0.0.1:7002")));
         }
         let already = self.cluster.status().members.iter().any(|m| m.id == id && m.addr == addr);

@@ -469,8 +469,9 @@ impl<'de> Deserialize<'de> for Cpus {
     }
 }
 
-/// `HOST:PORT`: an IP address and port (`[v6]:port` for IPv6), or a DNS name and port.
-fn is_host_and_port(s: &str) -> bool {
+/// `HOST:PORT`: an IP address and port (`[v6]:port` for IPv6), or a DNS name
+/// and port. A node's own `advertise` and the address `lbctl node add` gives.
+pub fn is_host_and_port(s: &str) -> bool {
     if s.parse::<std::net::SocketAddr>().is_ok() {
         return true;
     }

@@ -236,6 +236,7 @@ fn bad_cluster_commands_get_one_clear_line_and_a_failure_exit() {
         (c.endpoint(2), vec!["node", "drain", "9"], "node 9 is not a member"),
         (format!("127.0.0.1:{}", raftlb_tests::free_port()), vec!["cluster", "status"], "cannot reach lbnode at 127.0.0.1:"),
         (c.endpoint(1), vec!["node", "add", "4", "127.0.0.1:1"], "cannot reach a node at 127.0.0.1:1"),
+        (c.endpoint(1), vec!["node", "add", "4", "lb4:x"], "\"lb4:x\" is not an address: write it as HOST:PORT"),
         (c.endpoint(1), vec!["node", "add", "2", &second], "node 2 is already a voter"),
         (c.endpoint(1), vec!["node", "add", "7", &third], "the node at"),
         (c.endpoint(1), vec!["config", "apply", "-f", "/nonexistent/spec.yaml"], "cannot read /nonexistent/spec.yaml"),
