@@ -215,6 +215,54 @@ fn an_invalid_server_response_gives_502_and_no_server_gives_503() {
     assert_eq!(stats["backends"]["none"]["retries"], 1, "one retry, then 503: {stats}");
 }
 
+/// A server that answers every request with a chunked body, sent with the
+/// head unless the path is `/late`: `/bad` with a chunk size that does not
+/// parse, the others with `hello`.
+fn chunked_server() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                while reader.read_line(&mut request).unwrap_or(0) > 2 {}
+                let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let body = if path == "/bad" { "zz\r\nhello\r\n0\r\n\r\n" } else { "5\r\nhello\r\n0\r\n\r\n" };
+                if path == "/late" {
+                    let _ = stream.write_all(head.as_bytes());
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = stream.write_all(body.as_bytes());
+                } else {
+                    let _ = stream.write_all(format!("{head}{body}").as_bytes());
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_chunked_response_whose_first_chunk_does_not_parse_gives_502() {
+    let c = Cluster::formed(1);
+    let server = chunked_server();
+    let bind = front();
+    apply_spec(&c, 1, "chunked.yaml", &http_spec(bind, "", &format!("      - {{ name: chunked, address: \"{server}\" }}\n")));
+    let at = c.nodes[0].frontend(bind);
+    let reply = wait_for(Duration::from_secs(5), "the frontend to answer", || get(at, "/good", &[]).ok());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.contains("5\r\nhello\r\n0\r\n"), "the first chunk, taken with the head, goes on: {reply:?}");
+    let reply = get(at, "/late", &[]).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.contains("5\r\nhello\r\n0\r\n"), "a chunk after the head goes on: {reply:?}");
+    let reply = get(at, "/bad", &[]).unwrap();
+    assert_eq!(reply.status, 502, "{reply:?}");
+    let stats = c.nodes[0].stats();
+    assert_eq!(stats["backends"]["app"]["servers"]["chunked"]["errors"], 1, "{stats}");
+}
+
 /// A listener whose accept queue is full: the kernel drops further SYNs,
 /// so a connect to it neither succeeds nor fails until its own timeout.
 fn unanswered_connects() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {

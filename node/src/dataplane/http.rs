@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -532,6 +533,17 @@ async fn route_and_forward(
         },
         Err(_) => return gateway_timeout(fe, &be, &lease),
     };
+    // A chunked body's first chunk mostly comes in with the head: if it does
+    // not parse, the response is invalid and nothing has gone to the client
+    // yet, so it gets 502, as HAProxy, which parses both in one buffer, answers.
+    let first = if response.headers().contains_key(header::TRANSFER_ENCODING) {
+        match response.body_mut().frame().now_or_never() {
+            Some(Some(Err(_))) => return bad_gateway(fe, &be, &lease),
+            peeked => peeked,
+        }
+    } else {
+        None
+    };
     let status = response.status();
     be.counters.response(status.as_u16());
     lease.state.counters.response(status.as_u16());
@@ -574,7 +586,7 @@ async fn route_and_forward(
     let home = if never { Home::Client(client.clone()) } else { Home::Pool };
     response.map(|body| {
         let done = Done { _lease: lease, _in_flight: in_flight, sender, home };
-        ResponseBody { inner: body, quiet: IdleTimer::new(server_timeout), counters, done: Some(done) }.boxed()
+        ResponseBody { inner: body, first, quiet: IdleTimer::new(server_timeout), counters, done: Some(done) }.boxed()
     })
 }
 
@@ -808,6 +820,9 @@ struct Done {
 /// returns the connection to the pool once the body is complete.
 struct ResponseBody {
     inner: Incoming,
+    /// What was taken from `inner` before the head went on: its first frame,
+    /// or its end (`Some(None)`).
+    first: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
     /// The server's silence, limited to `timeouts.server`.
     quiet: IdleTimer,
     counters: [Arc<Counters>; 2],
@@ -845,7 +860,11 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = match this.first.take() {
+            Some(first) => Poll::Ready(first),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     for c in &this.counters {
@@ -882,7 +901,7 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
