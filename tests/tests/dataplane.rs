@@ -215,10 +215,10 @@ fn an_invalid_server_response_gives_502_and_no_server_gives_503() {
     assert_eq!(stats["backends"]["none"]["retries"], 1, "one retry, then 503: {stats}");
 }
 
-/// A server that answers every request with a chunked body, sent with the
-/// head unless the path is `/late`: `/bad` with a chunk size that does not
-/// parse, the others with `hello`.
-fn chunked_server() -> SocketAddr {
+/// A server that answers each request with the raw response its path names
+/// (`/good` when unknown), sent whole with the head except for `/late`,
+/// whose body follows 100 ms after the head.
+fn raw_responses_server() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -227,10 +227,15 @@ fn chunked_server() -> SocketAddr {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut request = String::new();
                 while reader.read_line(&mut request).unwrap_or(0) > 2 {}
-                let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
-                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
-                let body = if path == "/bad" { "zz\r\nhello\r\n0\r\n\r\n" } else { "5\r\nhello\r\n0\r\n\r\n" };
-                if path == "/late" {
+                let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let (head, body) = match request.split_whitespace().nth(1).unwrap_or("") {
+                    "/bad-chunk" => (chunked, "zz\r\nhello\r\n0\r\n\r\n"),
+                    "/folded" => ("HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 5\r\n\r\n", "hello"),
+                    "/lengths" => ("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", "hello"),
+                    "/space-before-colon" => ("HTTP/1.1 200 OK\r\nX-A : one\r\nContent-Length: 5\r\n\r\n", "hello"),
+                    _ => (chunked, "5\r\nhello\r\n0\r\n\r\n"),
+                };
+                if request.starts_with("GET /late ") {
                     let _ = stream.write_all(head.as_bytes());
                     std::thread::sleep(Duration::from_millis(100));
                     let _ = stream.write_all(body.as_bytes());
@@ -245,22 +250,30 @@ fn chunked_server() -> SocketAddr {
 }
 
 #[test]
-fn a_chunked_response_whose_first_chunk_does_not_parse_gives_502() {
+fn server_responses_go_on_as_haproxy_passes_them_and_invalid_ones_get_502() {
     let c = Cluster::formed(1);
-    let server = chunked_server();
+    let server = raw_responses_server();
     let bind = front();
-    apply_spec(&c, 1, "chunked.yaml", &http_spec(bind, "", &format!("      - {{ name: chunked, address: \"{server}\" }}\n")));
+    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, "", &format!("      - {{ name: raw, address: \"{server}\" }}\n")));
     let at = c.nodes[0].frontend(bind);
     let reply = wait_for(Duration::from_secs(5), "the frontend to answer", || get(at, "/good", &[]).ok());
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert!(reply.body.contains("5\r\nhello\r\n0\r\n"), "the first chunk, taken with the head, goes on: {reply:?}");
+    assert!(reply.body.contains("5\r\nhello\r\n0\r\n"), "the first chunk, read with the head, goes on: {reply:?}");
     let reply = get(at, "/late", &[]).unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
     assert!(reply.body.contains("5\r\nhello\r\n0\r\n"), "a chunk after the head goes on: {reply:?}");
-    let reply = get(at, "/bad", &[]).unwrap();
+    // Nothing went to the client yet: the chunk that does not parse is a 502.
+    let reply = get(at, "/bad-chunk", &[]).unwrap();
     assert_eq!(reply.status, 502, "{reply:?}");
+    let reply = get(at, "/space-before-colon", &[]).unwrap();
+    assert_eq!(reply.status, 502, "{reply:?}");
+    // An obsolete folded value goes on unfolded; a repeated length as one.
+    let reply = get(at, "/folded", &[]).unwrap();
+    assert_eq!((reply.status, reply.header("x-folded"), reply.body.as_str()), (200, Some("one two"), "hello"), "{reply:?}");
+    let reply = get(at, "/lengths", &[]).unwrap();
+    assert_eq!((reply.status, reply.header("content-length"), reply.body.as_str()), (200, Some("5"), "hello"), "{reply:?}");
     let stats = c.nodes[0].stats();
-    assert_eq!(stats["backends"]["app"]["servers"]["chunked"]["errors"], 1, "{stats}");
+    assert_eq!(stats["backends"]["app"]["servers"]["raw"]["errors"], 2, "{stats}");
 }
 
 /// A listener whose accept queue is full: the kernel drops further SYNs,

@@ -570,6 +570,7 @@ async fn route_and_forward(
     drop(server_session);
 
     strip_hop_by_hop(response.headers_mut(), false);
+    same_lengths_as_one(&mut response);
     // The client's hop is HTTP/1.1 whatever the server spoke.
     *response.version_mut() = hyper::Version::HTTP_11;
     if let Some(cookie) = be.spec.cookie.as_ref().filter(|c| c.mode == CookieMode::Insert) {
@@ -588,6 +589,15 @@ async fn route_and_forward(
         let done = Done { _lease: lease, _in_flight: in_flight, sender, home };
         ResponseBody { inner: body, first, quiet: IdleTimer::new(server_timeout), counters, done: Some(done) }.boxed()
     })
+}
+
+/// A `Content-Length` listing one length more than once (`2, 2`), which
+/// hyper read as that length, goes on as the one length, as HAProxy sends it.
+fn same_lengths_as_one(response: &mut Response<Incoming>) {
+    let listed = response.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes().contains(&b','));
+    if let Some(length) = response.body().size_hint().exact().filter(|_| listed) {
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
 }
 
 fn bad_gateway(fe: &FrontendRt, be: &BackendRt, lease: &Lease) -> Response<ProxyBody> {
@@ -614,8 +624,12 @@ fn handshake(
 ) -> Pin<Box<impl Future<Output = std::io::Result<Upstream>>>> {
     Box::pin(async move {
         let stream = dial(addr, source, limit).await?;
-        let (sender, conn) =
-            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(ServerIo(stream))).await.map_err(std::io::Error::other)?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            // An obsolete folded header value goes on unfolded, as HAProxy passes it.
+            .allow_obsolete_multiline_headers_in_responses(true)
+            .handshake(TokioIo::new(ServerIo(stream)))
+            .await
+            .map_err(std::io::Error::other)?;
         if upgrades {
             tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
