@@ -368,9 +368,12 @@ impl BackendRt {
             }
         }
         let mut open = false;
+        // Backup servers take the load one at a time, in the spec's order, unless `allbackups`.
+        let takers = if primaries || self.spec.allbackups { usize::MAX } else { 1 };
         // On the stack: a pick for every request must not allocate.
         let candidates: SmallVec<[Candidate; 8]> = pool()
             .filter(|i| self.servers[*i].spec.weight > 0 && self.servers[*i].state.admin() == AdminState::Ready)
+            .take(takers)
             .inspect(|_| open = true)
             .filter(|i| self.has_slot(*i))
             .map(|i| {
@@ -459,6 +462,28 @@ mod tests {
         assert_eq!(pick(&be, None).await, Err(NoServer::NoneUp));
         set_up(&be, "a", true);
         assert_eq!(pick(&be, None).await.unwrap(), "a", "back to the primary once it is up");
+    }
+
+    #[tokio::test]
+    async fn the_first_backup_that_can_takes_the_load_unless_allbackups() {
+        let servers = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: drained, address: \"127.0.0.1:2\", backup: true, weight: 0 }\n      - { name: first, address: \"127.0.0.1:3\", backup: true, maxconn: 1 }\n      - { name: second, address: \"127.0.0.1:4\", backup: true }\n";
+        let be = backend(servers);
+        set_up(&be, "a", false);
+        for _ in 0..3 {
+            let (i, lease) = be.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
+            assert_eq!(be.servers[i].spec.name, "first", "the first backup that takes new sessions");
+            // At its maxconn, the next request waits for it, as HAProxy's would.
+            assert_eq!(pick(&be, None).await, Err(NoServer::QueueTimeout));
+            drop(lease);
+        }
+        set_up(&be, "first", false);
+        assert_eq!(pick(&be, None).await.unwrap(), "second", "the next one, once the first is down");
+
+        let spec = Spec::from_yaml(&format!("backends:\n  - name: b\n    allbackups: true\n    servers:\n{servers}")).unwrap();
+        let be = Shared::default().compile(&spec, &BindRewrite::new()).backends["b"].clone();
+        set_up(&be, "a", false);
+        let picked: std::collections::BTreeSet<_> = [pick(&be, None).await.unwrap(), pick(&be, None).await.unwrap()].into();
+        assert_eq!(picked, ["first".to_owned(), "second".to_owned()].into(), "with allbackups, the backups share the load");
     }
 
     #[tokio::test]

@@ -192,6 +192,11 @@ pub struct Backend {
     pub balance: Balance,
     #[serde(default)]
     pub http_reuse: HttpReuse,
+    /// While no other server is up, every backup server takes sessions
+    /// (HAProxy's `option allbackups`); without it, only the first one in
+    /// the list that can.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allbackups: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<Cookie>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
