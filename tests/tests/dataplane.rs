@@ -175,6 +175,27 @@ fn backend_connections_are_reused_as_http_reuse_says() {
 }
 
 #[test]
+fn http_1_0_clients_reuse_server_connections_too() {
+    let c = Cluster::formed(1);
+    let a = http_server("a", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "ten.yaml", &http_spec(bind, "    http_reuse: always\n", &servers_yaml(&[(&a, "")])));
+    wait_serving(&c, bind);
+    let at = c.nodes[0].frontend(bind);
+    let before = a.accepted.load(Relaxed);
+    for _ in 0..20 {
+        // Each on a connection of its own, which ends with its response.
+        let mut stream = connect(at, None).unwrap();
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: lb.test\r\n\r\n").unwrap();
+        let reply = client::read_reply(&mut BufReader::new(stream)).unwrap();
+        assert_eq!((reply.status, reply.server()), (200, "a".to_owned()), "{reply:?}");
+    }
+    // Pools are per worker thread: one connection each at most.
+    let used = a.accepted.load(Relaxed) - before;
+    assert!(used <= 2, "20 HTTP/1.0 requests used {used} server connections");
+}
+
+#[test]
 fn a_refused_connect_is_retried_and_redispatched_to_another_server() {
     let c = Cluster::formed(1);
     let good = http_server("good", "127.0.0.1:0");

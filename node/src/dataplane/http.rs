@@ -432,6 +432,11 @@ async fn route_and_forward(
     let tunnel = upgrade || connect;
     let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    if req.version() == hyper::Version::HTTP_10 && !tunnel {
+        // The server keeps its connection for the next request, whatever the
+        // HTTP/1.0 client does with its own, as HAProxy asks it to.
+        req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
     if let Some(edits) = &fe.spec.request_headers {
         for name in &edits.delete {
             req.headers_mut().remove(name.as_str());
