@@ -254,6 +254,11 @@ fn raw_responses_server() -> SocketAddr {
                     "/folded" => ("HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 5\r\n\r\n", "hello"),
                     "/lengths" => ("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", "hello"),
                     "/space-before-colon" => ("HTTP/1.1 200 OK\r\nX-A : one\r\nContent-Length: 5\r\n\r\n", "hello"),
+                    "/own-cookie-no-store" => (
+                        "HTTP/1.1 200 OK\r\nSet-Cookie: SRV=app; path=/\r\nSet-Cookie: SRVX=1\r\nCache-Control: no-store\r\nContent-Length: 5\r\n\r\n",
+                        "hello",
+                    ),
+                    "/max-age" => ("HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n", "hello"),
                     _ => (chunked, "5\r\nhello\r\n0\r\n\r\n"),
                 };
                 if request.starts_with("GET /late ") {
@@ -295,6 +300,28 @@ fn server_responses_go_on_as_haproxy_passes_them_and_invalid_ones_get_502() {
     assert_eq!((reply.status, reply.header("content-length"), reply.body.as_str()), (200, Some("5"), "hello"), "{reply:?}");
     let stats = c.nodes[0].stats();
     assert_eq!(stats["backends"]["app"]["servers"]["raw"]["errors"], 2, "{stats}");
+}
+
+#[test]
+fn cookie_insert_replaces_the_servers_own_cookie_and_keeps_its_cache_directives() {
+    let c = Cluster::formed(1);
+    let server = raw_responses_server();
+    let bind = front();
+    let cookie = "    cookie: { name: SRV, mode: insert, nocache: true }\n";
+    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, cookie, &format!("      - {{ name: raw, address: \"{server}\" }}\n")));
+    let at = c.nodes[0].frontend(bind);
+    let all = |reply: &client::Reply, name: &str| -> Vec<String> {
+        reply.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    };
+    let reply = wait_for(Duration::from_secs(5), "the frontend to answer", || get(at, "/own-cookie-no-store", &[]).ok());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(all(&reply, "set-cookie"), ["SRVX=1", "SRV=raw; path=/"], "the server's own SRV cookie goes, its others stay: {reply:?}");
+    assert_eq!(all(&reply, "cache-control"), ["no-store"], "the server's no-store stays: {reply:?}");
+    let reply = get(at, "/max-age", &[]).unwrap();
+    assert_eq!(all(&reply, "cache-control"), ["max-age=60", "private"], "{reply:?}");
+    // A client that already names the server gets no cookie, and not the server's either.
+    let reply = get(at, "/own-cookie-no-store", &[("Cookie", "SRV=raw")]).unwrap();
+    assert_eq!(all(&reply, "set-cookie"), ["SRVX=1"], "{reply:?}");
 }
 
 /// A listener whose accept queue is full: the kernel drops further SYNs,

@@ -579,13 +579,16 @@ async fn route_and_forward(
     // The client's hop is HTTP/1.1 whatever the server spoke.
     *response.version_mut() = hyper::Version::HTTP_11;
     if let Some(cookie) = be.spec.cookie.as_ref().filter(|c| c.mode == CookieMode::Insert) {
+        // The persistence cookie is the balancer's: one the server sets under its name goes, as HAProxy drops it.
+        remove_set_cookie(response.headers_mut(), &cookie.name);
         let name = &be.servers[index].spec.name;
         if cookie_server.as_deref() != Some(name.as_str()) {
             if let Ok(v) = HeaderValue::from_str(&format!("{}={name}; path=/", cookie.name)) {
                 response.headers_mut().append(header::SET_COOKIE, v);
             }
-            if cookie.nocache {
-                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+            // Kept from shared caches, with the server's own directives kept too.
+            if cookie.nocache && shared_caches_may_store(response.headers()) {
+                response.headers_mut().append(header::CACHE_CONTROL, HeaderValue::from_static("private"));
             }
         }
     }
@@ -823,6 +826,28 @@ fn remove_cookie(headers: &mut HeaderMap, name: &str) {
             headers.insert(header::COOKIE, v);
         }
     }
+}
+
+/// Drops the `Set-Cookie` headers that set the cookie `name`.
+fn remove_set_cookie(headers: &mut HeaderMap, name: &str) {
+    let sets = |v: &HeaderValue| v.as_bytes().strip_prefix(name.as_bytes()).is_some_and(|rest| rest.trim_ascii_start().starts_with(b"="));
+    if !headers.get_all(header::SET_COOKIE).iter().any(sets) {
+        return;
+    }
+    let kept: SmallVec<[HeaderValue; 4]> = headers.get_all(header::SET_COOKIE).iter().filter(|v| !sets(v)).cloned().collect();
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
+    }
+}
+
+/// Whether no `Cache-Control` directive already keeps the response from
+/// shared caches (`private`, `no-store`, `no-cache`).
+fn shared_caches_may_store(headers: &HeaderMap) -> bool {
+    !headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|directive| {
+        let name = directive.split('=').next().unwrap_or("").trim();
+        ["private", "no-store", "no-cache"].iter().any(|d| name.eq_ignore_ascii_case(d))
+    })
 }
 
 /// What a response holds until its body is done: the server slot, and the
