@@ -77,6 +77,8 @@ fn the_committed_spec_and_its_history_survive_a_restart_of_every_node() {
     for n in 1..=3 {
         apply(&c.endpoint(1), &spec_file(&c, &format!("v{n}.yaml"), &loopback_spec(n)));
     }
+    // A write returns once the leader applied it; node 2 follows a moment later.
+    wait_for(Duration::from_secs(3), "every node to be at version 3", || c.config_versions().iter().all(|v| *v == Some(3)).then_some(()));
     let before = lbctl(&c.endpoint(2), &["config", "history", "--json"]).json();
     let spec_before = lbctl(&c.endpoint(2), &["config", "get", "--json"]).json();
 
