@@ -1,7 +1,7 @@
 //! Servers for the balancer to send traffic to, run by the test itself on
 //! loopback: an HTTP server that answers with its name and what it received,
-//! and a TCP server that announces its name and echoes. Each runs on its own
-//! thread and stops when dropped.
+//! one that sends raw responses, and a TCP server that announces its name and
+//! echoes. Each runs on its own thread and stops when dropped.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -193,6 +193,49 @@ pub fn tcp_server(name: &str, addr: &str) -> TestServer {
         }
         let _ = stream.write_all(b"bye\n").await;
         let _ = stream.shutdown().await;
+    })
+}
+
+/// A server that answers each request with the raw response its path names,
+/// for responses a well-behaved server would not send: `/bad-chunk` (a chunk
+/// size that does not parse), `/folded` (an obsolete folded header),
+/// `/lengths` (`Content-Length: 5, 5`), `/space-before-colon`,
+/// `/own-cookie-no-store` (its own `SRV` cookie and `no-store`), `/max-age`;
+/// any other path gets a chunked `hello`, whose body for `/late` follows
+/// 100 ms after the head. One request per connection.
+pub fn raw_http_server(name: &str, addr: &str) -> TestServer {
+    spawn_server(name, addr, |mut stream, _name, hits| async move {
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        hits.fetch_add(1, Relaxed);
+        let path = String::from_utf8_lossy(&request).split_whitespace().nth(1).unwrap_or_default().to_owned();
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (head, body) = match path.as_str() {
+            "/bad-chunk" => (chunked, "zz\r\nhello\r\n0\r\n\r\n"),
+            "/folded" => ("HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 5\r\n\r\n", "hello"),
+            "/lengths" => ("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", "hello"),
+            "/space-before-colon" => ("HTTP/1.1 200 OK\r\nX-A : one\r\nContent-Length: 5\r\n\r\n", "hello"),
+            "/own-cookie-no-store" => (
+                "HTTP/1.1 200 OK\r\nSet-Cookie: SRV=app; path=/\r\nSet-Cookie: SRVX=1\r\nCache-Control: no-store\r\nContent-Length: 5\r\n\r\n",
+                "hello",
+            ),
+            "/max-age" => ("HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n", "hello"),
+            _ => (chunked, "5\r\nhello\r\n0\r\n\r\n"),
+        };
+        if path == "/late" {
+            let _ = stream.write_all(head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        } else {
+            let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     })
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raftlb_tests::backend::{http_server, tcp_server, TestServer};
+use raftlb_tests::backend::{http_server, raw_http_server, tcp_server, TestServer};
 use raftlb_tests::client::{self, connect, get, get_from, KeepAlive};
 use raftlb_tests::{apply_spec, free_port, wait_for, Cluster};
 
@@ -236,51 +236,12 @@ fn an_invalid_server_response_gives_502_and_no_server_gives_503() {
     assert_eq!(stats["backends"]["none"]["retries"], 1, "one retry, then 503: {stats}");
 }
 
-/// A server that answers each request with the raw response its path names
-/// (`/good` when unknown), sent whole with the head except for `/late`,
-/// whose body follows 100 ms after the head.
-fn raw_responses_server() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut request = String::new();
-                while reader.read_line(&mut request).unwrap_or(0) > 2 {}
-                let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
-                let (head, body) = match request.split_whitespace().nth(1).unwrap_or("") {
-                    "/bad-chunk" => (chunked, "zz\r\nhello\r\n0\r\n\r\n"),
-                    "/folded" => ("HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 5\r\n\r\n", "hello"),
-                    "/lengths" => ("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", "hello"),
-                    "/space-before-colon" => ("HTTP/1.1 200 OK\r\nX-A : one\r\nContent-Length: 5\r\n\r\n", "hello"),
-                    "/own-cookie-no-store" => (
-                        "HTTP/1.1 200 OK\r\nSet-Cookie: SRV=app; path=/\r\nSet-Cookie: SRVX=1\r\nCache-Control: no-store\r\nContent-Length: 5\r\n\r\n",
-                        "hello",
-                    ),
-                    "/max-age" => ("HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n", "hello"),
-                    _ => (chunked, "5\r\nhello\r\n0\r\n\r\n"),
-                };
-                if request.starts_with("GET /late ") {
-                    let _ = stream.write_all(head.as_bytes());
-                    std::thread::sleep(Duration::from_millis(100));
-                    let _ = stream.write_all(body.as_bytes());
-                } else {
-                    let _ = stream.write_all(format!("{head}{body}").as_bytes());
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn server_responses_that_do_not_parse_get_502_and_a_repeated_length_goes_on_as_one() {
     let c = Cluster::formed(1);
-    let server = raw_responses_server();
+    let raw = raw_http_server("raw", "127.0.0.1:0");
     let bind = front();
-    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, "", &format!("      - {{ name: raw, address: \"{server}\" }}\n")));
+    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, "", &servers_yaml(&[(&raw, "")])));
     let at = c.nodes[0].frontend(bind);
     let reply = wait_for(Duration::from_secs(5), "the frontend to answer", || get(at, "/good", &[]).ok());
     assert_eq!(reply.status, 200, "{reply:?}");
@@ -306,10 +267,10 @@ fn server_responses_that_do_not_parse_get_502_and_a_repeated_length_goes_on_as_o
 #[test]
 fn cookie_insert_replaces_the_servers_own_cookie_and_keeps_its_cache_directives() {
     let c = Cluster::formed(1);
-    let server = raw_responses_server();
+    let raw = raw_http_server("raw", "127.0.0.1:0");
     let bind = front();
     let cookie = "    cookie: { name: SRV, mode: insert, nocache: true }\n";
-    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, cookie, &format!("      - {{ name: raw, address: \"{server}\" }}\n")));
+    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, cookie, &servers_yaml(&[(&raw, "")])));
     let at = c.nodes[0].frontend(bind);
     let all = |reply: &client::Reply, name: &str| -> Vec<String> {
         reply.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
