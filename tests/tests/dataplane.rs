@@ -195,24 +195,82 @@ fn http_1_0_clients_reuse_server_connections_too() {
     assert!(used <= 2, "20 HTTP/1.0 requests used {used} server connections");
 }
 
-#[test]
-fn a_refused_connect_is_retried_and_redispatched_to_another_server() {
-    let c = Cluster::formed(1);
+/// A backend of [`http_spec`] with `backend_extra`: `dead` (nothing listens
+/// on its address), then `good`; returns once node 1 serves it.
+fn dead_then_good(c: &Cluster, backend_extra: &str) -> (TestServer, SocketAddr) {
     let good = http_server("good", "127.0.0.1:0");
     let dead = format!("127.0.0.1:{}", free_port());
     let bind = front();
     let servers = format!("      - {{ name: dead, address: \"{dead}\" }}\n{}", servers_yaml(&[(&good, "")]));
-    apply_spec(&c, 1, "r.yaml", &http_spec(bind, "", &servers));
-    wait_serving(&c, bind);
+    apply_spec(c, 1, "dead-then-good.yaml", &http_spec(bind, backend_extra, &servers));
+    wait_serving(c, bind);
+    (good, bind)
+}
+
+#[test]
+fn a_refused_connect_is_retried_and_redispatched_to_another_server() {
+    let c = Cluster::formed(1);
+    let (_good, bind) = dead_then_good(&c, "");
+    let started = Instant::now();
     for _ in 0..20 {
         let r = get(bind, "/", &[]).unwrap();
         assert_eq!((r.status, r.server()), (200, "good".to_owned()));
     }
+    // Round robin over two servers: the retry goes to the other one at once
+    // (a pause of timeouts.connect, 500ms, before each would take 5 s or more).
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "20 requests took {took:?}");
     let stats = c.nodes[0].stats();
     let app = &stats["backends"]["app"];
-    assert!(app["retries"].as_u64().unwrap() >= 10, "{app}");
+    assert_eq!(app["retries"], 0, "a retry on another server counts as a redispatch, as HAProxy counts it: {app}");
     assert!(app["redispatches"].as_u64().unwrap() >= 10, "{app}");
+    assert!(app["servers"]["dead"]["redispatches"].as_u64().unwrap() >= 10, "{app}");
     assert!(app["servers"]["dead"]["errors"].as_u64().unwrap() >= 10, "{app}");
+}
+
+#[test]
+fn a_single_server_that_refuses_is_tried_again_after_a_pause_so_a_restart_loses_no_request() {
+    let c = Cluster::formed(1);
+    let port = free_port();
+    let bind = front();
+    let spec = format!(
+        "defaults:\n  timeouts: {{ connect: 500ms }}\n  retries: 3\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    servers:\n      - {{ name: only, address: \"127.0.0.1:{port}\" }}\n"
+    );
+    apply_spec(&c, 1, "single.yaml", &spec);
+    wait_for(Duration::from_secs(5), "the frontend to listen", || connect(c.nodes[0].frontend(bind), None).ok());
+    // Nothing listens: four attempts, each retry after min(timeouts.connect, 1 s).
+    let started = Instant::now();
+    let r = get(bind, "/", &[]).unwrap();
+    let took = started.elapsed();
+    let app = c.nodes[0].stats()["backends"]["app"].clone();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(5), "three pauses of 500ms took {took:?}: {app}");
+    assert_eq!((app["retries"].as_u64(), app["redispatches"].as_u64()), (Some(3), Some(0)), "{app}");
+    // The server comes back while a request waits out its pauses (attempts
+    // at about 0, 0.5, 1 and 1.5 s): it is served.
+    let waiting = std::thread::spawn(move || get(bind, "/", &[]));
+    std::thread::sleep(Duration::from_millis(200));
+    let _only = http_server("only", &format!("127.0.0.1:{port}"));
+    let r = waiting.join().unwrap().unwrap();
+    assert_eq!((r.status, r.server()), (200, "only".to_owned()), "{r:?}");
+}
+
+#[test]
+fn a_persistent_client_is_retried_on_its_server_and_redispatched_on_the_last_retry() {
+    let c = Cluster::formed(1);
+    let (_good, bind) = dead_then_good(&c, "    cookie: { name: SRV, mode: insert }\n");
+    let before = c.nodes[0].stats()["backends"]["app"].clone();
+    // retries 2, timeouts.connect 500ms: the first retry stays on `dead` after
+    // a pause, the second (the last) goes to `good` at once.
+    let started = Instant::now();
+    let r = get(bind, "/", &[("Cookie", "SRV=dead")]).unwrap();
+    let took = started.elapsed();
+    let app = c.nodes[0].stats()["backends"]["app"].clone();
+    assert_eq!((r.status, r.server()), (200, "good".to_owned()), "{r:?}");
+    assert_eq!(r.header("set-cookie"), Some("SRV=good; path=/"), "{r:?}");
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(3), "one pause of 500ms, then another server: {took:?}");
+    let grew = |name: &str| app[name].as_u64().unwrap() - before[name].as_u64().unwrap();
+    assert_eq!((grew("retries"), grew("redispatches")), (1, 1), "{app}");
 }
 
 #[test]
@@ -329,13 +387,18 @@ fn without_redispatch_a_retry_stays_on_the_refusing_server() {
     let dead = format!("127.0.0.1:{}", free_port());
     let bind = front();
     let spec = format!(
-        "defaults:\n  retries: 2\n  redispatch: false\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    balance: roundrobin\n    servers:\n      - {{ name: dead, address: \"{dead}\" }}\n{}",
+        "defaults:\n  timeouts: {{ connect: 100ms }}\n  retries: 2\n  redispatch: false\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    balance: roundrobin\n    servers:\n      - {{ name: dead, address: \"{dead}\" }}\n{}",
         servers_yaml(&[(&good, "")])
     );
     apply_spec(&c, 1, "noredispatch.yaml", &spec);
-    let statuses: Vec<u16> = (0..20).map(|_| wait_for(Duration::from_secs(5), "an answer", || get(bind, "/", &[]).ok()).status).collect();
-    // Round robin alternates; the requests it gives the dead server fail after their retries.
+    wait_for(Duration::from_secs(5), "the frontend to listen", || connect(c.nodes[0].frontend(bind), None).ok());
+    let started = Instant::now();
+    let statuses: Vec<u16> = (0..20).map(|_| get(bind, "/", &[]).unwrap().status).collect();
+    let took = started.elapsed();
+    // Round robin alternates; the requests it gives the dead server fail
+    // after their retries, each after a pause of timeouts.connect (100ms).
     assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 10, "{statuses:?}");
+    assert!(took >= Duration::from_secs(2), "20 retries after a refusal took {took:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
     let app = &c.nodes[0].stats()["backends"]["app"];
     assert_eq!((app["retries"].as_u64(), app["redispatches"].as_u64()), (Some(20), Some(0)), "{app}");

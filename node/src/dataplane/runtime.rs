@@ -97,7 +97,7 @@ impl ServerState {
     }
 
     /// Up and not in maintenance: it may serve clients that persist on it.
-    fn serves(&self) -> bool {
+    pub fn serves(&self) -> bool {
         self.up.load(Relaxed) && self.admin() != AdminState::Maint
     }
 }
@@ -280,6 +280,9 @@ impl Drop for Slot {
 /// A server slot held for one session or request; freed on drop.
 pub struct Lease {
     pub state: Arc<ServerState>,
+    /// The server was the client's by persistence (a cookie, the stick
+    /// table), not the balancer's choice.
+    pub direct: bool,
     shared: Arc<BackendShared>,
 }
 
@@ -362,7 +365,8 @@ impl BackendRt {
         // A persistent client may stay on a drained server (weight 0, or drained by the operator).
         if let Some(name) = prefer {
             if let Some(i) = pool().find(|i| self.servers[*i].spec.name == name) {
-                if let Some(lease) = self.reserve(i) {
+                if let Some(mut lease) = self.reserve(i) {
+                    lease.direct = true;
                     return Pick::Leased(i, lease);
                 }
             }
@@ -403,7 +407,15 @@ impl BackendRt {
         let s = &self.servers[i];
         let max = s.spec.maxconn.map_or(u64::MAX, |m| m.0);
         s.state.active.fetch_update(Relaxed, Relaxed, |a| (a < max).then_some(a + 1)).ok()?;
-        Some(Lease { state: s.state.clone(), shared: self.shared.clone() })
+        Some(Lease { state: s.state.clone(), direct: false, shared: self.shared.clone() })
+    }
+
+    /// Primary servers that would take new sessions now (HAProxy's count of
+    /// active servers).
+    pub fn usable_primaries(&self) -> usize {
+        let usable =
+            |s: &&ServerRt| !s.spec.backup && s.spec.weight > 0 && s.state.up.load(Relaxed) && s.state.admin() == AdminState::Ready;
+        self.servers.iter().filter(usable).count()
     }
 
     fn stuck(&self, src: IpAddr) -> Option<String> {
