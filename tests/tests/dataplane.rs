@@ -729,6 +729,40 @@ fn the_queue_holds_requests_at_maxconn_and_answers_503_after_its_timeout() {
 }
 
 #[test]
+fn a_persistent_client_waits_for_its_server_at_maxconn_and_others_go_elsewhere() {
+    let c = Cluster::formed(1);
+    let (a, b) = (http_server("a", "127.0.0.1:0"), http_server("b", "127.0.0.1:0"));
+    let bind = front();
+    let spec = format!(
+        "defaults:\n  timeouts: {{ queue: 1s, server: 5s }}\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    cookie: {{ name: SRV, mode: insert }}\n    servers:\n{}",
+        servers_yaml(&[(&a, ", maxconn: 1"), (&b, "")])
+    );
+    apply_spec(&c, 1, "persist-full.yaml", &spec);
+    wait_serving(&c, bind);
+    let on_a = [("Cookie", "SRV=a")];
+    // Holds a's one slot for `ms`, returning once it holds it.
+    let hold = |ms: u64| {
+        let held = std::thread::spawn(move || get(bind, &format!("/slow?ms={ms}"), &[("Cookie", "SRV=a")]).unwrap());
+        wait_for(Duration::from_secs(5), "a's slot to be taken", || {
+            (c.nodes[0].stats()["backends"]["app"]["servers"]["a"]["sessions_current"] == 1).then_some(())
+        });
+        held
+    };
+    let held = hold(600);
+    let started = Instant::now();
+    let r = get(bind, "/", &on_a).unwrap();
+    assert_eq!((r.status, r.server()), (200, "a".to_owned()), "the client of a waits for a: {r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200), "served before a's slot freed: {:?}", started.elapsed());
+    assert_eq!(held.join().unwrap().server(), "a");
+    // Held longer than timeouts.queue: 503, while a client of no server goes to b.
+    let held = hold(2500);
+    assert_eq!(get(bind, "/", &[]).unwrap().server(), "b");
+    let r = get(bind, "/", &on_a).unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(held.join().unwrap().status, 200);
+}
+
+#[test]
 fn a_connect_is_tunnelled_when_the_server_agrees_and_answered_when_it_refuses() {
     let c = Cluster::formed(1);
     let (_server, bind) = serve_one(&c, "connect.yaml");

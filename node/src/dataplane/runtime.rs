@@ -362,13 +362,18 @@ impl BackendRt {
         // Backup servers serve only while no other server is up.
         let primaries = (0..self.servers.len()).filter(up).any(|i| !self.servers[i].spec.backup);
         let pool = || (0..self.servers.len()).filter(up).filter(|i| self.servers[*i].spec.backup != primaries);
-        // A persistent client may stay on a drained server (weight 0, or drained by the operator).
+        // A persistent client may stay on a drained server (weight 0, or
+        // drained by the operator), and at the server's maxconn it waits for
+        // a slot there, as in HAProxy: another server would not have its session.
         if let Some(name) = prefer {
             if let Some(i) = pool().find(|i| self.servers[*i].spec.name == name) {
-                if let Some(mut lease) = self.reserve(i) {
-                    lease.direct = true;
-                    return Pick::Leased(i, lease);
-                }
+                return match self.reserve(i) {
+                    Some(mut lease) => {
+                        lease.direct = true;
+                        Pick::Leased(i, lease)
+                    }
+                    None => Pick::Full,
+                };
             }
         }
         let mut open = false;
