@@ -4,7 +4,7 @@
 //! counters, maxconn slots) lives in [`Shared`] and is found again by name,
 //! so a new version takes over without losing track of the traffic in flight.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
@@ -109,6 +109,13 @@ pub struct BackendShared {
     released: Notify,
     /// Requests in the queue: a release wakes them only if there are any.
     waiting: AtomicU64,
+    /// The queued requests free to take any server (not persistent), by
+    /// ticket in the order they came: only the first in line tries, so they
+    /// are served in order, and a request that comes while the line is not
+    /// empty joins it rather than pass it.
+    line: Mutex<VecDeque<u64>>,
+    in_line: AtomicU64,
+    tickets: AtomicU64,
     /// Source stickiness: client address -> server name, until the instant.
     stick: Mutex<HashMap<IpAddr, (String, Instant)>>,
 }
@@ -307,6 +314,52 @@ pub enum NoServer {
     QueueTimeout,
 }
 
+/// A request's place in its backend's queue, given up when dropped: when it
+/// is served, times out, or its client leaves.
+struct Queued {
+    shared: Arc<BackendShared>,
+    counters: Arc<Counters>,
+    ticket: Option<u64>,
+}
+
+impl Queued {
+    fn join(be: &BackendRt, in_line: bool) -> Queued {
+        let shared = &be.shared;
+        let ticket = in_line.then(|| {
+            let ticket = shared.tickets.fetch_add(1, Relaxed);
+            shared.line.lock().expect("queue line lock").push_back(ticket);
+            shared.in_line.fetch_add(1, Relaxed);
+            ticket
+        });
+        shared.waiting.fetch_add(1, Relaxed);
+        // Pairs with the fence in the drop of a `Lease`.
+        fence(SeqCst);
+        Counters::add(&be.counters.queue_current, 1);
+        Counters::add(&be.counters.queue_total, 1);
+        Queued { shared: shared.clone(), counters: be.counters.clone(), ticket }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.shared.waiting.fetch_sub(1, Relaxed);
+        self.counters.queue_current.fetch_sub(1, Relaxed);
+        if let Some(ticket) = self.ticket {
+            let mut line = self.shared.line.lock().expect("queue line lock");
+            let at = line.iter().position(|t| *t == ticket);
+            if let Some(at) = at {
+                line.remove(at);
+            }
+            self.shared.in_line.fetch_sub(1, Relaxed);
+            drop(line);
+            if at == Some(0) {
+                // The next in line may find a slot now.
+                self.shared.released.notify_waiters();
+            }
+        }
+    }
+}
+
 enum Pick {
     Leased(usize, Lease),
     Full,
@@ -321,38 +374,34 @@ impl BackendRt {
     pub async fn lease(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize], queue: Duration) -> Result<(usize, Lease), NoServer> {
         let stuck = self.stuck(src);
         let prefer = prefer.or(stuck.as_deref());
-        // The end of the wait in the queue, once queued: most requests never are.
-        let mut queued: Option<tokio::time::Instant> = None;
-        let result = loop {
+        // The end of the wait and the place in the queue, once queued: most
+        // requests never are.
+        let mut queued: Option<(tokio::time::Instant, Queued)> = None;
+        let (index, lease) = loop {
             // Registered before the look, so a release between the look and
             // the wait is not missed; only once in the queue, as it costs a lock.
             let released = self.shared.released.notified();
             tokio::pin!(released);
-            if queued.is_some() {
-                released.as_mut().enable();
-            }
-            match (self.try_pick(src, prefer, exclude), queued) {
-                (Pick::Leased(index, lease), _) => break Ok((index, lease)),
-                (Pick::NoneUp, _) => break Err(NoServer::NoneUp),
-                (Pick::Full, None) => {
-                    queued = Some(tokio::time::Instant::now() + queue);
-                    self.shared.waiting.fetch_add(1, Relaxed);
-                    fence(SeqCst);
-                    Counters::add(&self.counters.queue_current, 1);
-                    Counters::add(&self.counters.queue_total, 1);
+            let turn = match &queued {
+                Some((_, place)) => {
+                    released.as_mut().enable();
+                    place.ticket.is_none_or(|t| self.shared.line.lock().expect("queue line lock").front() == Some(&t))
                 }
-                (Pick::Full, Some(deadline)) => {
-                    if tokio::time::timeout_at(deadline, released).await.is_err() {
-                        break Err(NoServer::QueueTimeout);
+                // A persistent request waits for its own server, not in the line.
+                None => prefer.is_some() || self.shared.in_line.load(Relaxed) == 0,
+            };
+            let pick = if turn { self.try_pick(src, prefer, exclude) } else { Pick::Full };
+            match (pick, &queued) {
+                (Pick::Leased(index, lease), _) => break (index, lease),
+                (Pick::NoneUp, _) => return Err(NoServer::NoneUp),
+                (Pick::Full, None) => queued = Some((tokio::time::Instant::now() + queue, Queued::join(self, prefer.is_none()))),
+                (Pick::Full, Some((deadline, _))) => {
+                    if tokio::time::timeout_at(*deadline, released).await.is_err() {
+                        return Err(NoServer::QueueTimeout);
                     }
                 }
             }
         };
-        if queued.is_some() {
-            self.shared.waiting.fetch_sub(1, Relaxed);
-            self.counters.queue_current.fetch_sub(1, Relaxed);
-        }
-        let (index, lease) = result?;
         self.stick(src, index);
         Ok((index, lease))
     }
@@ -567,6 +616,57 @@ mod tests {
         drop(held);
         assert_eq!(waiter.await.unwrap(), Ok(0), "a released slot goes to the queue");
         assert_eq!(be.counters.queue_current.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn the_queue_serves_in_order_and_a_newcomer_gets_in_line() {
+        let be = backend("      - { name: a, address: \"127.0.0.1:1\", maxconn: 1 }\n");
+        let (_, held) = be.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for n in 0..3 {
+            let (be, served) = (be.clone(), served.clone());
+            waiters.push(tokio::spawn(async move {
+                let (_, lease) = be.lease(CLIENT, None, &[], Duration::from_secs(5)).await.unwrap();
+                served.lock().unwrap().push(n);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(lease);
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(be.counters.queue_current.load(Relaxed), 3);
+        drop(held);
+        // Before any waiter has run: the free slot is theirs, not a newcomer's.
+        assert_eq!(be.lease(CLIENT, None, &[], NO_QUEUE).await.err(), Some(NoServer::QueueTimeout));
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_eq!(*served.lock().unwrap(), [0, 1, 2]);
+        assert_eq!(be.counters.queue_current.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_leaves_the_queue_gives_up_its_place() {
+        let be = backend("      - { name: a, address: \"127.0.0.1:1\", maxconn: 1 }\n");
+        let (_, held) = be.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
+        let left = {
+            let be = be.clone();
+            tokio::spawn(async move { be.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(be.counters.queue_current.load(Relaxed), 1);
+        // The request's future is dropped mid-wait (its task cancelled).
+        left.abort();
+        let _ = left.await;
+        assert_eq!(be.counters.queue_current.load(Relaxed), 0);
+        let next = {
+            let be = be.clone();
+            tokio::spawn(async move { be.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|(i, _)| i) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        let got = tokio::time::timeout(Duration::from_secs(1), next).await.expect("the line is not held by the one that left");
+        assert_eq!(got.unwrap(), Ok(0));
     }
 
     #[tokio::test]
