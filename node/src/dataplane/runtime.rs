@@ -114,7 +114,9 @@ pub struct BackendShared {
     /// are served in order, and a request that comes while the line is not
     /// empty joins it rather than pass it.
     line: Mutex<VecDeque<u64>>,
+    /// The length of `line`, which every request reads, without its lock.
     in_line: AtomicU64,
+    /// The next ticket.
     tickets: AtomicU64,
     /// Source stickiness: client address -> server name, until the instant.
     stick: Mutex<HashMap<IpAddr, (String, Instant)>>,
@@ -315,7 +317,7 @@ pub enum NoServer {
 }
 
 /// A request's place in its backend's queue, given up when dropped: when it
-/// is served, times out, or its client leaves.
+/// is served, times out, or its task is cancelled.
 struct Queued {
     shared: Arc<BackendShared>,
     counters: Arc<Counters>,
