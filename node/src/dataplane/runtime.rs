@@ -57,6 +57,23 @@ pub struct BackendRt {
     pub balancer: Balancer,
     pub counters: Arc<Counters>,
     pub shared: Arc<BackendShared>,
+    /// This version's queued requests that may take any server: a version
+    /// of its own, so requests of a new version (which may have a server
+    /// more) do not wait behind those of the old.
+    line: Arc<Line>,
+}
+
+/// The queued requests free to take any server (not persistent), by ticket
+/// in the order they came: only the first in line tries, so they are served
+/// in order, and a request that comes while the line is not empty joins it
+/// rather than pass it.
+#[derive(Default)]
+struct Line {
+    order: Mutex<VecDeque<u64>>,
+    /// The length of `order`, which every request reads, without its lock.
+    len: AtomicU64,
+    /// The next ticket.
+    tickets: AtomicU64,
 }
 
 pub struct ServerRt {
@@ -109,15 +126,6 @@ pub struct BackendShared {
     released: Notify,
     /// Requests in the queue: a release wakes them only if there are any.
     waiting: AtomicU64,
-    /// The queued requests free to take any server (not persistent), by
-    /// ticket in the order they came: only the first in line tries, so they
-    /// are served in order, and a request that comes while the line is not
-    /// empty joins it rather than pass it.
-    line: Mutex<VecDeque<u64>>,
-    /// The length of `line`, which every request reads, without its lock.
-    in_line: AtomicU64,
-    /// The next ticket.
-    tickets: AtomicU64,
     /// Source stickiness: client address -> server name, until the instant.
     stick: Mutex<HashMap<IpAddr, (String, Instant)>>,
 }
@@ -213,6 +221,7 @@ impl Shared {
             balancer: Balancer::new(b.balance),
             counters: self.stats.backend(&b.name),
             shared: self.backends.lock().expect("backend table lock").entry(b.name.clone()).or_default().clone(),
+            line: Arc::default(),
         }
     }
 }
@@ -321,24 +330,29 @@ pub enum NoServer {
 struct Queued {
     shared: Arc<BackendShared>,
     counters: Arc<Counters>,
-    ticket: Option<u64>,
+    /// The place in the line, for a request that may take any server.
+    place: Option<(Arc<Line>, u64)>,
 }
 
 impl Queued {
     fn join(be: &BackendRt, in_line: bool) -> Queued {
-        let shared = &be.shared;
-        let ticket = in_line.then(|| {
-            let ticket = shared.tickets.fetch_add(1, Relaxed);
-            shared.line.lock().expect("queue line lock").push_back(ticket);
-            shared.in_line.fetch_add(1, Relaxed);
-            ticket
+        let place = in_line.then(|| {
+            let ticket = be.line.tickets.fetch_add(1, Relaxed);
+            be.line.order.lock().expect("queue line lock").push_back(ticket);
+            be.line.len.fetch_add(1, Relaxed);
+            (be.line.clone(), ticket)
         });
-        shared.waiting.fetch_add(1, Relaxed);
+        be.shared.waiting.fetch_add(1, Relaxed);
         // Pairs with the fence in the drop of a `Lease`.
         fence(SeqCst);
         Counters::add(&be.counters.queue_current, 1);
         Counters::add(&be.counters.queue_total, 1);
-        Queued { shared: shared.clone(), counters: be.counters.clone(), ticket }
+        Queued { shared: be.shared.clone(), counters: be.counters.clone(), place }
+    }
+
+    /// Whether it is this request's turn to look for a slot.
+    fn first(&self) -> bool {
+        self.place.as_ref().is_none_or(|(line, ticket)| line.order.lock().expect("queue line lock").front() == Some(ticket))
     }
 }
 
@@ -346,14 +360,14 @@ impl Drop for Queued {
     fn drop(&mut self) {
         self.shared.waiting.fetch_sub(1, Relaxed);
         self.counters.queue_current.fetch_sub(1, Relaxed);
-        if let Some(ticket) = self.ticket {
-            let mut line = self.shared.line.lock().expect("queue line lock");
-            let at = line.iter().position(|t| *t == ticket);
+        if let Some((line, ticket)) = &self.place {
+            let mut order = line.order.lock().expect("queue line lock");
+            let at = order.iter().position(|t| t == ticket);
             if let Some(at) = at {
-                line.remove(at);
+                order.remove(at);
             }
-            self.shared.in_line.fetch_sub(1, Relaxed);
-            drop(line);
+            line.len.fetch_sub(1, Relaxed);
+            drop(order);
             if at == Some(0) {
                 // The next in line may find a slot now.
                 self.shared.released.notify_waiters();
@@ -387,10 +401,10 @@ impl BackendRt {
             let turn = match &queued {
                 Some((_, place)) => {
                     released.as_mut().enable();
-                    place.ticket.is_none_or(|t| self.shared.line.lock().expect("queue line lock").front() == Some(&t))
+                    place.first()
                 }
                 // A persistent request waits for its own server, not in the line.
-                None => prefer.is_some() || self.shared.in_line.load(Relaxed) == 0,
+                None => prefer.is_some() || self.line.len.load(Relaxed) == 0,
             };
             let pick = if turn { self.try_pick(src, prefer, exclude) } else { Pick::Full };
             match (pick, &queued) {
@@ -645,6 +659,25 @@ mod tests {
         }
         assert_eq!(*served.lock().unwrap(), [0, 1, 2]);
         assert_eq!(be.counters.queue_current.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_new_version_with_a_server_more_does_not_wait_behind_the_old_line() {
+        let shared = Shared::default();
+        let spec = |servers: &str| Spec::from_yaml(&format!("backends:\n  - name: b\n    servers:\n{servers}")).unwrap();
+        let a = "      - { name: a, address: \"127.0.0.1:1\", maxconn: 1 }\n";
+        let old = shared.compile(&spec(a), &BindRewrite::new()).backends["b"].clone();
+        let (_, _held) = old.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
+        let waiting = {
+            let old = old.clone();
+            tokio::spawn(async move { old.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(old.counters.queue_current.load(Relaxed), 1);
+        let new = shared.compile(&spec(&format!("{a}      - {{ name: c, address: \"127.0.0.1:3\" }}\n")), &BindRewrite::new());
+        let (i, _) = new.backends["b"].lease(CLIENT, None, &[], NO_QUEUE).await.expect("the new server takes it at once");
+        assert_eq!(new.backends["b"].servers[i].spec.name, "c");
+        waiting.abort();
     }
 
     #[tokio::test]
