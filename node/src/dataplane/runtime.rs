@@ -661,6 +661,14 @@ mod tests {
         assert_eq!(be.counters.queue_current.load(Relaxed), 0);
     }
 
+    /// A request for a slot of `be`, queued (up to 5 s) once this returns.
+    async fn queued(be: &Arc<BackendRt>) -> tokio::task::JoinHandle<Result<usize, NoServer>> {
+        let be = be.clone();
+        let request = tokio::spawn(async move { be.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|(i, _)| i) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        request
+    }
+
     #[tokio::test]
     async fn a_new_version_with_a_server_more_does_not_wait_behind_the_old_line() {
         let shared = Shared::default();
@@ -668,11 +676,7 @@ mod tests {
         let a = "      - { name: a, address: \"127.0.0.1:1\", maxconn: 1 }\n";
         let old = shared.compile(&spec(a), &BindRewrite::new()).backends["b"].clone();
         let (_, _held) = old.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
-        let waiting = {
-            let old = old.clone();
-            tokio::spawn(async move { old.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|_| ()) })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiting = queued(&old).await;
         assert_eq!(old.counters.queue_current.load(Relaxed), 1);
         let new = shared.compile(&spec(&format!("{a}      - {{ name: c, address: \"127.0.0.1:3\" }}\n")), &BindRewrite::new());
         let (i, _) = new.backends["b"].lease(CLIENT, None, &[], NO_QUEUE).await.expect("the new server takes it at once");
@@ -684,21 +688,13 @@ mod tests {
     async fn a_request_that_leaves_the_queue_gives_up_its_place() {
         let be = backend("      - { name: a, address: \"127.0.0.1:1\", maxconn: 1 }\n");
         let (_, held) = be.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
-        let left = {
-            let be = be.clone();
-            tokio::spawn(async move { be.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|_| ()) })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let left = queued(&be).await;
         assert_eq!(be.counters.queue_current.load(Relaxed), 1);
         // The request's future is dropped mid-wait (its task cancelled).
         left.abort();
         let _ = left.await;
         assert_eq!(be.counters.queue_current.load(Relaxed), 0);
-        let next = {
-            let be = be.clone();
-            tokio::spawn(async move { be.lease(CLIENT, None, &[], Duration::from_secs(5)).await.map(|(i, _)| i) })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let next = queued(&be).await;
         drop(held);
         let got = tokio::time::timeout(Duration::from_secs(1), next).await.expect("the line is not held by the one that left");
         assert_eq!(got.unwrap(), Ok(0));
