@@ -734,7 +734,7 @@ fn a_persistent_client_waits_for_its_server_at_maxconn_and_others_go_elsewhere()
     let (a, b) = (http_server("a", "127.0.0.1:0"), http_server("b", "127.0.0.1:0"));
     let bind = front();
     let spec = format!(
-        "defaults:\n  timeouts: {{ queue: 1s, server: 5s }}\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    cookie: {{ name: SRV, mode: insert }}\n    servers:\n{}",
+        "defaults:\n  timeouts: {{ queue: 2s, server: 6s }}\nfrontends:\n  - {{ name: web, bind: [\"{bind}\"], mode: http, default_backend: app }}\nbackends:\n  - name: app\n    cookie: {{ name: SRV, mode: insert }}\n    servers:\n{}",
         servers_yaml(&[(&a, ", maxconn: 1"), (&b, "")])
     );
     apply_spec(&c, 1, "persist-full.yaml", &spec);
@@ -748,14 +748,14 @@ fn a_persistent_client_waits_for_its_server_at_maxconn_and_others_go_elsewhere()
         });
         held
     };
-    let held = hold(600);
+    let held = hold(1000);
     let started = Instant::now();
     let r = get(bind, "/", &on_a).unwrap();
     assert_eq!((r.status, r.server()), (200, "a".to_owned()), "the client of a waits for a: {r:?}");
     assert!(started.elapsed() >= Duration::from_millis(200), "served before a's slot freed: {:?}", started.elapsed());
     assert_eq!(held.join().unwrap().server(), "a");
     // Held longer than timeouts.queue: 503, while a client of no server goes to b.
-    let held = hold(2500);
+    let held = hold(4000);
     assert_eq!(get(bind, "/", &[]).unwrap().server(), "b");
     let r = get(bind, "/", &on_a).unwrap();
     assert_eq!(r.status, 503, "{r:?}");
