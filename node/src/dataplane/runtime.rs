@@ -384,9 +384,10 @@ enum Pick {
 
 impl BackendRt {
     /// A slot on a server for a client at `src`: the server `prefer` names
-    /// (a persistence cookie, the stick table) if it can take it, else the
+    /// (a persistence cookie, the stick table) while it serves, else the
     /// balancer's choice among the servers that take new sessions. Waits in
-    /// the queue up to `queue` while every server is at maxconn.
+    /// the queue up to `queue` while that server, or every server, is at
+    /// maxconn.
     pub async fn lease(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize], queue: Duration) -> Result<(usize, Lease), NoServer> {
         let stuck = self.stuck(src);
         let prefer = prefer.or(stuck.as_deref());
