@@ -373,6 +373,13 @@ fn a_drained_holder_hands_the_vip_over_and_does_not_take_it_back_until_undrained
     assert!(!refused.ok && refused.stderr.contains("no other voter is undrained"), "{}", refused.stderr);
     assert!(s.c.ctl(next, &["node", "undrain", &third.to_string()]).ok);
     assert_eq!(s.sampler.holders(), [next], "nothing moved");
+    // The third node has applied what the leader has, so it can win the
+    // election the kill starts: had only the drained node the last entry,
+    // Raft would have it lead (after its 3 s aside) to hand over.
+    wait_for(Duration::from_secs(3), "the third node to have the leader's log", || {
+        let applied = |id: u64| s.c.local_status(id)?["last_applied"].as_u64();
+        (applied(third)? >= applied(next)?).then_some(())
+    });
     // Killed: its address stays on its interface until the lifetime ends
     // (as for any crash in lease fencing); the drained node stands aside.
     s.c.nodes[next as usize - 1].kill();
