@@ -196,6 +196,20 @@ pub fn tcp_server(name: &str, addr: &str) -> TestServer {
     })
 }
 
+/// Reads up to the end of a request head (and whatever came with it); `None`
+/// if the connection ends or fails first.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// A server that answers each request with the raw response its path names,
 /// for responses a well-behaved server would not send: `/bad-chunk` (a chunk
 /// size that does not parse), `/folded` (an obsolete folded header),
@@ -205,14 +219,7 @@ pub fn tcp_server(name: &str, addr: &str) -> TestServer {
 /// 100 ms after the head. One request per connection.
 pub fn raw_http_server(name: &str, addr: &str) -> TestServer {
     spawn_server(name, addr, |mut stream, _name, hits| async move {
-        let mut request = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => request.extend_from_slice(&buf[..n]),
-            }
-        }
+        let Some(request) = read_head(&mut stream).await else { return };
         hits.fetch_add(1, Relaxed);
         let path = String::from_utf8_lossy(&request).split_whitespace().nth(1).unwrap_or_default().to_owned();
         let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -297,13 +304,8 @@ impl CheckGate {
                             continue;
                         }
                         tokio::spawn(async move {
-                            let mut head = Vec::new();
-                            let mut buf = [0u8; 1024];
-                            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                                match stream.read(&mut buf).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                                }
+                            if read_head(&mut stream).await.is_none() {
+                                return;
                             }
                             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
                         });
