@@ -81,6 +81,14 @@ pub struct ServerRt {
     pub state: Arc<ServerState>,
 }
 
+impl ServerRt {
+    /// Neither drained by its weight (0) nor by the operator: the balancer
+    /// may give it new sessions while it is up.
+    fn takes_new_sessions(&self) -> bool {
+        self.spec.weight > 0 && self.state.admin() == AdminState::Ready
+    }
+}
+
 /// A server's live state, the same object in every version that keeps the
 /// server under the same name and address.
 pub struct ServerState {
@@ -447,7 +455,7 @@ impl BackendRt {
         let takers = if primaries || self.spec.allbackups { usize::MAX } else { 1 };
         // On the stack: a pick for every request must not allocate.
         let candidates: SmallVec<[Candidate; 8]> = pool()
-            .filter(|i| self.servers[*i].spec.weight > 0 && self.servers[*i].state.admin() == AdminState::Ready)
+            .filter(|i| self.servers[*i].takes_new_sessions())
             .take(takers)
             .inspect(|_| open = true)
             .filter(|i| self.has_slot(*i))
@@ -484,9 +492,7 @@ impl BackendRt {
     /// Primary servers that would take new sessions now (HAProxy's count of
     /// active servers).
     pub fn usable_primaries(&self) -> usize {
-        let usable =
-            |s: &&ServerRt| !s.spec.backup && s.spec.weight > 0 && s.state.up.load(Relaxed) && s.state.admin() == AdminState::Ready;
-        self.servers.iter().filter(usable).count()
+        self.servers.iter().filter(|s| !s.spec.backup && s.state.serves() && s.takes_new_sessions()).count()
     }
 
     fn stuck(&self, src: IpAddr) -> Option<String> {
