@@ -810,10 +810,13 @@ fn tcp_mode_half_closes_and_announces_the_client_with_proxy_protocol() {
     let c = Cluster::formed(1);
     let (plain, v1, v2) = (tcp_server("plain", "127.0.0.1:0"), tcp_server("v1", "127.0.0.1:0"), tcp_server("v2", "127.0.0.1:0"));
     let (b0, b1, b2) = (front(), front(), front());
+    // On every address of the host: the header names the one the client reached.
+    let wildcard = SocketAddr::from(([0, 0, 0, 0], free_port()));
     let spec = format!(
         "frontends:
   - {{ name: plain, bind: [\"{b0}\"], mode: tcp, default_backend: plain }}
   - {{ name: v1, bind: [\"{b1}\"], mode: tcp, default_backend: v1 }}
+  - {{ name: wildcard, bind: [\"{wildcard}\"], mode: tcp, default_backend: v1 }}
   - {{ name: v2, bind: [\"{b2}\"], mode: tcp, default_backend: v2 }}
 backends:
   - name: plain
@@ -853,6 +856,12 @@ backends:
     let mut got = Vec::new();
     r.read_until(b'\n', &mut got).unwrap();
     assert_eq!(String::from_utf8_lossy(&got), format!("preface PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n", local.port(), b1.port()));
+    let reached = SocketAddr::from(([127, 0, 0, 3], wildcard.port()));
+    let (local, mut r) = connect_to(reached);
+    let mut got = Vec::new();
+    r.read_until(b'\n', &mut got).unwrap();
+    let expected = format!("preface PROXY TCP4 {} 127.0.0.3 {} {}\r\n", local.ip(), local.port(), wildcard.port());
+    assert_eq!(String::from_utf8_lossy(&got), expected);
     let (local, mut r) = connect_to(b2);
     let mut got = vec![0u8; 8 + 28];
     r.read_exact(&mut got).unwrap();

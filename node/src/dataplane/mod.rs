@@ -317,6 +317,9 @@ impl Acceptor {
 
     /// Serves an accepted connection, holding `slots`, on this worker or on one that serves clearly fewer.
     fn serve(&self, stream: std::net::TcpStream, peer: SocketAddr, rt: Arc<Runtime>, fe: Arc<FrontendRt>, slots: (Slot, Slot)) {
+        // A wildcard bind accepts on every address of the host: the one this
+        // client reached is the socket's own (the PROXY header names it).
+        let local = if self.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(self.addr) } else { self.addr };
         let placed = self.workers.place(self.me);
         let (addr, runtime, worker) = (self.addr, self.runtime.clone(), placed.worker);
         let held = Held { _node: slots.0, _frontend: slots.1, _placed: placed, _session: fe.counters.session() };
@@ -327,7 +330,7 @@ impl Acceptor {
                 Mode::Tcp => match TcpStream::from_std(stream) {
                     Ok(stream) => {
                         let _held = held;
-                        tcp::serve(rt, fe.clone(), stream, peer, addr).await
+                        tcp::serve(rt, fe.clone(), stream, peer, local).await
                     }
                     Err(e) => tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
                 },

@@ -13,6 +13,7 @@ use super::proxy_protocol;
 use super::runtime::{FrontendRt, Runtime};
 use crate::stats::Counters;
 
+/// Serves a client that connected from `peer` to `local`.
 pub async fn serve(rt: Arc<Runtime>, fe: Arc<FrontendRt>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
     // Validation guarantees a tcp frontend has a default backend that exists.
     let Some(be) = fe.spec.default_backend.as_ref().and_then(|name| rt.backends.get(name)).cloned() else {
