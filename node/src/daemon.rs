@@ -105,9 +105,12 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
         leaving.stop_leading();
         let _ = stop_vips.send(true);
         let _ = vip_task.await;
+        // The connections on these are closed once the host no longer has them.
+        let vips: Vec<std::net::IpAddr> =
+            leaving.applied().state.current().map(|c| c.spec.vips.iter().map(|v| v.address.0.addr()).collect()).unwrap_or_default();
         // Raft keeps running meanwhile: this node still counts in the quorum.
         tokio::select! {
-            open = stop_traffic.drain(stop_grace) => match open {
+            open = stop_traffic.drain(stop_grace, &vips) => match open {
                 0 => tracing::info!("every client connection has ended"),
                 n => tracing::warn!(connections = n, grace = ?stop_grace, "stop_grace is over: closing the connections still open"),
             },

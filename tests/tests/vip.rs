@@ -10,6 +10,7 @@ use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
 use raftlb_tests::backend::{http_server, TestServer};
+use raftlb_tests::client::{self, KeepAlive};
 use raftlb_tests::netns::{in_ns, Prober, Sampler, Topology};
 use raftlb_tests::{spec_file, wait_for, Cluster};
 
@@ -156,6 +157,35 @@ fn sigterm_on_the_holder_moves_the_vip_with_an_outage_of_at_most_150ms() {
     s.sampler.assert_never_two_holders();
     s.assert_client_sees(to);
     assert!(s.c.nodes[from as usize - 1].log().contains("handed leadership over before stopping"));
+}
+
+/// A client connected to the holder just before the VIP moved sends its
+/// request to the new holder; the connection on the old one would wait for
+/// it until `http_request` (10 s), and the stopping node with it.
+#[test]
+fn a_stopping_holder_closes_the_connections_on_the_vip_it_gave_up_and_exits_at_once() {
+    let mut s = setup();
+    let from = s.holder();
+    let c = s.c.topology().ns("c");
+    // One connected and silent (10 s allowed for its request head), one
+    // idle after a request (5 s of keep-alive).
+    let (silent, idle) = in_ns(&c, || {
+        let silent = client::connect(front(), None).expect("the client connects to the VIP");
+        let mut idle = KeepAlive::open(front()).expect("the client connects to the VIP");
+        assert_eq!(idle.get("/", &[]).expect("an answer").status, 200);
+        (silent, idle)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = Instant::now();
+    let status = s.c.node(from).terminate();
+    let took = stopped.elapsed();
+    eprintln!("node {from} stopped {} ms after SIGTERM", took.as_millis());
+    assert!(status.success(), "node {from} stopped cleanly: {status}");
+    assert!(took < Duration::from_secs(3), "node {from} took {took:?} to stop");
+    let log = s.c.nodes[from as usize - 1].log();
+    assert!(log.contains("their clients reach the new holder connections=2"), "{log}");
+    s.wait_holder("another node to hold the VIP", Duration::from_secs(3), |h| h != from);
+    drop((silent, idle));
 }
 
 #[test]

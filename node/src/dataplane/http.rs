@@ -102,7 +102,7 @@ struct Client {
     /// kept for its next requests and closed with it, never shared.
     own: Mutex<Option<Own>>,
     /// Kept until the connection and any tunnel it became have ended.
-    _held: Held,
+    held: Held,
 }
 
 /// A connection that belongs to one client.
@@ -233,7 +233,7 @@ pub async fn serve(
         conn: conn.clone(),
         server_wait: Mutex::new(IdleTimer::new(server_timeout)),
         own: Mutex::default(),
-        _held: held,
+        held,
     });
     // `client` itself stays here to the end: the 408 below is still this connection.
     let service = {
@@ -557,11 +557,11 @@ async fn route_and_forward(
         if let Some(client_upgrade) = client_upgrade {
             let server_upgrade = hyper::upgrade::on(&mut response);
             let (idle_limit, be) = (rt.timeouts.tunnel.get(), be.clone());
-            let client = client.clone();
-            tokio::spawn(async move {
+            let kept = client.clone();
+            let tunnel = tokio::spawn(async move {
                 // The client connection lives on as this tunnel: it keeps its
                 // places, and the server counts it as a session.
-                let (_lease, _in_flight, _client, _server_session) = (lease, in_flight, client, server_session);
+                let (_lease, _in_flight, _client, _server_session) = (lease, in_flight, kept, server_session);
                 if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
                     // The frontend counts the tunnel at the client socket.
                     let up = [&be.counters.bytes_in];
@@ -569,6 +569,7 @@ async fn route_and_forward(
                     let _ = pipe(TokioIo::new(c), TokioIo::new(s), idle_limit, &up, &down).await;
                 }
             });
+            client.held.track(tunnel.abort_handle());
             return response.map(|_| Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
         }
     }

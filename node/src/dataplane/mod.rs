@@ -14,7 +14,7 @@ mod tcp;
 pub mod workers;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +68,13 @@ const DRAIN_REPORT: Duration = Duration::from_secs(5);
 impl Stop {
     /// Stops accepting and waits until every client connection ended, or
     /// `grace` is over; returns how many are still open then.
-    pub async fn drain(self, grace: Duration) -> usize {
+    ///
+    /// Connections that reached one of `vips` are closed as soon as the
+    /// host no longer has that address: their clients' packets go to the
+    /// node that holds the VIP now, so they would only wait out their
+    /// timeouts (a client that connected just before the VIP moved sends
+    /// its request to the new holder, and its connection here waits in vain).
+    pub async fn drain(self, grace: Duration, vips: &[IpAddr]) -> usize {
         STOPPING.store(true, Relaxed);
         let _ = self.sender.send(true);
         let deadline = tokio::time::Instant::now() + grace;
@@ -78,6 +84,13 @@ impl Stop {
         }
         let mut told = tokio::time::Instant::now();
         loop {
+            if self.workers.open() > 0 && !vips.is_empty() {
+                let gone = not_on_this_host(vips);
+                let closed = self.workers.close_on(&gone);
+                if closed > 0 {
+                    tracing::info!(connections = closed, vips = ?gone, "closed the connections on VIPs this node gave up: their clients reach the new holder");
+                }
+            }
             let open = self.workers.open();
             let now = tokio::time::Instant::now();
             if open == 0 || now >= deadline {
@@ -96,6 +109,24 @@ impl Stop {
     }
 }
 
+/// Those of `addrs` that no interface of this host has.
+fn not_on_this_host(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let here: Vec<IpAddr> = match nix::ifaddrs::getifaddrs() {
+        Ok(ifaddrs) => ifaddrs
+            .filter_map(|i| {
+                let a = i.address?;
+                a.as_sockaddr_in().map(|a| IpAddr::V4(a.ip())).or_else(|| a.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+            })
+            .collect(),
+        Err(e) => {
+            // Nothing is known to be gone: nothing is closed.
+            tracing::warn!(error = %e, "cannot list the host's addresses");
+            return Vec::new();
+        }
+    };
+    addrs.iter().filter(|a| !here.contains(a)).copied().collect()
+}
+
 /// What a client connection holds while it lives, also once it became a
 /// tunnel: its places under the node's and the frontend's `maxconn`, its
 /// count on the worker that serves it, and its count in the frontend's
@@ -103,8 +134,16 @@ impl Stop {
 pub struct Held {
     _node: Slot,
     _frontend: Slot,
-    _placed: Placed,
+    placed: Placed,
     _session: SessionGuard,
+}
+
+impl Held {
+    /// `task` serves this connection (a tunnel it became): the node may
+    /// have to close it (see [`Stop::drain`]).
+    pub fn track(&self, task: tokio::task::AbortHandle) {
+        self.placed.track(task);
+    }
 }
 
 impl DataPlane {
@@ -320,9 +359,9 @@ impl Acceptor {
         // A wildcard bind accepts on every address of the host: the one this
         // client reached is the socket's own (the PROXY header names it).
         let local = if self.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(self.addr) } else { self.addr };
-        let placed = self.workers.place(self.me);
-        let (addr, runtime, worker) = (self.addr, self.runtime.clone(), placed.worker);
-        let held = Held { _node: slots.0, _frontend: slots.1, _placed: placed, _session: fe.counters.session() };
+        let placed = self.workers.place(self.me, local.ip());
+        let (addr, runtime, worker, id) = (self.addr, self.runtime.clone(), placed.worker, placed.id());
+        let held = Held { _node: slots.0, _frontend: slots.1, placed, _session: fe.counters.session() };
         let serve = async move {
             // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
             match fe.spec.mode {
@@ -341,11 +380,8 @@ impl Acceptor {
         };
         // Boxed: the future is large, and tokio moves it whole at spawn and at each change of the task's stage.
         let serve = Box::pin(serve);
-        if worker == self.me {
-            tokio::spawn(serve);
-        } else {
-            self.workers.spawn_on(worker, serve);
-        }
+        let task = if worker == self.me { tokio::spawn(serve) } else { self.workers.spawn_on(worker, serve) };
+        self.workers.track(id, task.abort_handle());
     }
 }
 
