@@ -399,6 +399,10 @@ impl BackendRt {
     pub async fn lease(&self, src: IpAddr, prefer: Option<&str>, exclude: &[usize], queue: Duration) -> Result<(usize, Lease), NoServer> {
         let stuck = self.stuck(src);
         let prefer = prefer.or(stuck.as_deref());
+        // A persistent request waits for its own server, and a retry for a
+        // server other than those it failed on: in the line, either would
+        // hold up everyone behind it while a slot frees that it cannot take.
+        let own_way = prefer.is_some() || !exclude.is_empty();
         // The end of the wait and the place in the queue, once queued: most
         // requests never are.
         let mut queued: Option<(tokio::time::Instant, Queued)> = None;
@@ -412,14 +416,13 @@ impl BackendRt {
                     released.as_mut().enable();
                     place.first()
                 }
-                // A persistent request waits for its own server, not in the line.
-                None => prefer.is_some() || self.line.len.load(Relaxed) == 0,
+                None => own_way || self.line.len.load(Relaxed) == 0,
             };
             let pick = if turn { self.try_pick(src, prefer, exclude) } else { Pick::Full };
             match (pick, &queued) {
                 (Pick::Leased(index, lease), _) => break (index, lease),
                 (Pick::NoneUp, _) => return Err(NoServer::NoneUp),
-                (Pick::Full, None) => queued = Some((tokio::time::Instant::now() + queue, Queued::join(self, prefer.is_none()))),
+                (Pick::Full, None) => queued = Some((tokio::time::Instant::now() + queue, Queued::join(self, !own_way))),
                 (Pick::Full, Some((deadline, _))) => {
                     if tokio::time::timeout_at(*deadline, released).await.is_err() {
                         return Err(NoServer::QueueTimeout);
@@ -689,6 +692,29 @@ mod tests {
         let (i, _) = new.backends["b"].lease(CLIENT, None, &[], NO_QUEUE).await.expect("the new server takes it at once");
         assert_eq!(new.backends["b"].servers[i].spec.name, "c");
         waiting.abort();
+    }
+
+    #[tokio::test]
+    async fn a_retry_in_the_queue_does_not_hold_up_the_line_for_a_server_it_avoids() {
+        let be = backend(
+            "      - { name: a, address: \"127.0.0.1:1\", maxconn: 1 }\n      - { name: b, address: \"127.0.0.1:2\", maxconn: 1 }\n",
+        );
+        let (first, held_first) = be.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
+        let (second, held_second) = be.lease(CLIENT, None, &[], NO_QUEUE).await.unwrap();
+        // A retry after a failure on the first server, then a new request.
+        let retry = {
+            let be = be.clone();
+            tokio::spawn(async move { be.lease(CLIENT, None, &[first], Duration::from_secs(5)).await.map(|(i, _)| i) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let next = queued(&be).await;
+        assert_eq!(be.counters.queue_current.load(Relaxed), 2);
+        drop(held_first);
+        let got = tokio::time::timeout(Duration::from_secs(1), next).await.expect("the new request takes the slot the retry avoids");
+        assert_eq!(got.unwrap(), Ok(first));
+        drop(held_second);
+        let got = tokio::time::timeout(Duration::from_secs(1), retry).await.expect("the retry takes the other server's slot");
+        assert_eq!(got.unwrap(), Ok(second));
     }
 
     #[tokio::test]
