@@ -210,13 +210,35 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
+/// Responses that caches may or may not keep: `/cache/NAME` on a
+/// [`raw_http_server`] answers with the head named NAME and a 5-byte body.
+pub const CACHE_CASES: &[(&str, &str)] = &[
+    ("none", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+    ("public", "HTTP/1.1 200 OK\r\nCache-Control: public\r\nContent-Length: 5\r\n\r\n"),
+    ("max-age", "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n"),
+    ("s-maxage", "HTTP/1.1 200 OK\r\nCache-Control: s-maxage=60\r\nContent-Length: 5\r\n\r\n"),
+    ("expires", "HTTP/1.1 200 OK\r\nExpires: Thu, 01 Jan 2099 00:00:00 GMT\r\nContent-Length: 5\r\n\r\n"),
+    ("etag", "HTTP/1.1 200 OK\r\nETag: \"x\"\r\nContent-Length: 5\r\n\r\n"),
+    ("last-modified", "HTTP/1.1 200 OK\r\nLast-Modified: Sat, 01 Jan 2000 00:00:00 GMT\r\nContent-Length: 5\r\n\r\n"),
+    ("max-age-0", "HTTP/1.1 200 OK\r\nCache-Control: max-age=0\r\nContent-Length: 5\r\n\r\n"),
+    ("max-age-0-s-maxage", "HTTP/1.1 200 OK\r\nCache-Control: max-age=0, s-maxage=60\r\nContent-Length: 5\r\n\r\n"),
+    ("no-cache", "HTTP/1.1 200 OK\r\nCache-Control: max-age=60, no-cache\r\nContent-Length: 5\r\n\r\n"),
+    ("private-upper", "HTTP/1.1 200 OK\r\nCache-Control: Max-Age=60 , PRIVATE\r\nContent-Length: 5\r\n\r\n"),
+    ("no-store-apart", "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nCache-Control: no-store\r\nContent-Length: 5\r\n\r\n"),
+    ("no-cache-set-cookie", "HTTP/1.1 200 OK\r\nCache-Control: max-age=60, no-cache=\"set-cookie\"\r\nContent-Length: 5\r\n\r\n"),
+    ("pragma", "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nPragma: no-cache\r\nContent-Length: 5\r\n\r\n"),
+    ("found", "HTTP/1.1 302 Found\r\nLocation: /\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n"),
+    ("not-found", "HTTP/1.1 404 Not Found\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n"),
+];
+
 /// A server that answers each request with the raw response its path names,
 /// for responses a well-behaved server would not send: `/bad-chunk` (a chunk
 /// size that does not parse), `/folded` (an obsolete folded header),
 /// `/lengths` (`Content-Length: 5, 5`), `/space-before-colon`,
-/// `/own-cookie-no-store` (its own `SRV` cookie and `no-store`), `/max-age`;
-/// any other path gets a chunked `hello`, whose body for `/late` follows
-/// 100 ms after the head. One request per connection.
+/// `/own-cookie-no-store` (its own `SRV` cookie and `no-store`), `/max-age`,
+/// `/cache/CASE` (a head of [`CACHE_CASES`]); any other path gets a chunked
+/// `hello`, whose body for `/late` follows 100 ms after the head. One
+/// request per connection.
 pub fn raw_http_server(name: &str, addr: &str) -> TestServer {
     spawn_server(name, addr, |mut stream, _name, hits| async move {
         let Some(request) = read_head(&mut stream).await else { return };
@@ -233,6 +255,10 @@ pub fn raw_http_server(name: &str, addr: &str) -> TestServer {
                 "hello",
             ),
             "/max-age" => ("HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n", "hello"),
+            cache if cache.starts_with("/cache/") => match CACHE_CASES.iter().find(|(case, _)| cache[7..] == **case) {
+                Some((_, head)) => (*head, "hello"),
+                None => ("HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\n", "hello"),
+            },
             _ => (chunked, "5\r\nhello\r\n0\r\n\r\n"),
         };
         if path == "/late" {

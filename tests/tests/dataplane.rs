@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raftlb_tests::backend::{http_server, raw_http_server, tcp_server, TestServer};
+use raftlb_tests::backend::{http_server, raw_http_server, tcp_server, TestServer, CACHE_CASES};
 use raftlb_tests::client::{self, connect, get, get_from, KeepAlive};
 use raftlb_tests::{apply_spec, free_port, wait_for, Cluster};
 
@@ -129,7 +129,9 @@ fn cookie_insert_sticks_a_client_to_its_server_and_survives_a_config_change() {
     wait_serving(&c, bind);
     let first = get(bind, "/", &[]).unwrap();
     let set = first.header("set-cookie").expect("a persistence cookie is inserted").to_owned();
-    assert_eq!(first.header("cache-control"), Some("private"), "nocache");
+    // Nothing a cache would keep: `nocache` adds nothing (HAProxy's way; see
+    // the test of the server's cache directives).
+    assert_eq!(first.header("cache-control"), None, "nocache");
     let value = set.split(';').next().unwrap().to_owned();
     let server = first.server();
     assert_eq!(value, format!("SRV={server}"));
@@ -342,6 +344,21 @@ fn cookie_insert_replaces_the_servers_own_cookie_and_keeps_its_cache_directives(
     // A client that already names the server gets no cookie, and not the server's either.
     let reply = get(at, "/own-cookie-no-store", &[("Cookie", "SRV=raw")]).unwrap();
     assert_eq!(all(&reply, "set-cookie"), ["SRVX=1"], "{reply:?}");
+
+    // `private` goes only on what a cache would keep, as HAProxy 2.6 decides it
+    // (measured: cookie SRV insert nocache).
+    let private = ["max-age", "s-maxage", "expires", "etag", "last-modified", "no-cache-set-cookie", "not-found"];
+    for (case, _) in CACHE_CASES {
+        let reply = get(at, &format!("/cache/{case}"), &[]).unwrap();
+        assert!(reply.header("set-cookie").is_some(), "{case}: {reply:?}");
+        let added = all(&reply, "cache-control").last().is_some_and(|v| v == "private");
+        assert_eq!(added, private.contains(case), "{case}: {reply:?}");
+    }
+    // Nor on the answer to a POST.
+    let mut s = connect(at, None).unwrap();
+    s.write_all(b"POST /cache/max-age HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 1\r\n\r\nx").unwrap();
+    let reply = client::read_reply(&mut BufReader::new(s)).unwrap();
+    assert_eq!(all(&reply, "cache-control"), ["max-age=60"], "{reply:?}");
 }
 
 /// A listener whose accept queue is full: the kernel drops further SYNs,

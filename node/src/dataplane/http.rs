@@ -450,6 +450,8 @@ async fn route_and_forward(
     if fe.spec.forwardfor {
         forwarded_for(req.headers_mut(), client.peer);
     }
+    // HAProxy takes only the answers to these as cacheable (`nocache`).
+    let cacheable_method = matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD);
     let cookie_server = be.spec.cookie.as_ref().and_then(|c| cookie_value(req.headers(), &c.name));
     if let Some(c) = be.spec.cookie.as_ref().filter(|c| c.indirect) {
         remove_cookie(req.headers_mut(), &c.name);
@@ -588,7 +590,7 @@ async fn route_and_forward(
                 response.headers_mut().append(header::SET_COOKIE, v);
             }
             // Kept from shared caches, with the server's own directives kept too.
-            if cookie.nocache && shared_caches_may_store(response.headers()) {
+            if cookie.nocache && cacheable_method && cacheable(status, response.headers()) {
                 response.headers_mut().append(header::CACHE_CONTROL, HeaderValue::from_static("private"));
             }
         }
@@ -842,13 +844,31 @@ fn remove_set_cookie(headers: &mut HeaderMap, name: &str) {
     }
 }
 
-/// Whether no `Cache-Control` directive already keeps the response from
-/// shared caches (`private`, `no-store`, `no-cache`).
-fn shared_caches_may_store(headers: &HeaderMap) -> bool {
-    !headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|directive| {
-        let name = directive.split('=').next().unwrap_or("").trim();
-        ["private", "no-store", "no-cache"].iter().any(|d| name.eq_ignore_ascii_case(d))
-    })
+/// Whether a response to a GET or HEAD is one a cache may keep, as HAProxy
+/// decides it for `cookie ... nocache`: a status cacheable by default, no
+/// `Pragma: no-cache`, no `Cache-Control` directive `private`, `no-cache`,
+/// `no-store`, `max-age=0` or `s-maxage=0` (each matched whole: HAProxy
+/// 2.6 takes `no-cache="set-cookie"` as cacheable, and `max-age=0` wins
+/// over an `s-maxage`), and something a cache would go by: `max-age` or
+/// `s-maxage`, `Expires`, or a validator (`ETag`, `Last-Modified`).
+fn cacheable(status: StatusCode, headers: &HeaderMap) -> bool {
+    if !matches!(status.as_u16(), 200 | 203 | 204 | 206 | 300 | 301 | 404 | 405 | 410 | 414 | 501) {
+        return false;
+    }
+    if headers.get_all(header::PRAGMA).iter().any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"no-cache")) {
+        return false;
+    }
+    let mut fresh = false;
+    for directive in headers.get_all(header::CACHE_CONTROL).iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')) {
+        let directive = directive.trim_ascii();
+        let is = |d: &str| directive.eq_ignore_ascii_case(d.as_bytes());
+        if is("private") || is("no-cache") || is("no-store") || is("max-age=0") || is("s-maxage=0") {
+            return false;
+        }
+        let starts = |d: &str| directive.get(..d.len()).is_some_and(|p| p.eq_ignore_ascii_case(d.as_bytes()));
+        fresh |= starts("max-age") || starts("s-maxage");
+    }
+    fresh || [header::EXPIRES, header::ETAG, header::LAST_MODIFIED].iter().any(|h| headers.contains_key(h))
 }
 
 /// What a response holds until its body is done: the server slot, and the
