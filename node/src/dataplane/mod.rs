@@ -27,7 +27,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use workers::{Placed, Workers};
+use workers::{Entered, Placed, Workers};
 
 use crate::stats::SessionGuard;
 
@@ -86,7 +86,7 @@ impl Stop {
         loop {
             if self.workers.open() > 0 && !vips.is_empty() {
                 let gone = not_on_this_host(vips);
-                let closed = self.workers.close_on(&gone);
+                let closed = self.workers.close_on(&gone).await;
                 if closed > 0 {
                     tracing::info!(connections = closed, vips = ?gone, "closed the connections on VIPs this node gave up: their clients reach the new holder");
                 }
@@ -129,20 +129,21 @@ fn not_on_this_host(addrs: &[IpAddr]) -> Vec<IpAddr> {
 
 /// What a client connection holds while it lives, also once it became a
 /// tunnel: its places under the node's and the frontend's `maxconn`, its
-/// count on the worker that serves it, and its count in the frontend's
-/// current sessions.
+/// count and entry on the worker that serves it, and its count in the
+/// frontend's current sessions.
 pub struct Held {
     _node: Slot,
     _frontend: Slot,
-    placed: Placed,
+    _placed: Placed,
+    entered: Entered,
     _session: SessionGuard,
 }
 
 impl Held {
-    /// `task` serves this connection (a tunnel it became): the node may
-    /// have to close it (see [`Stop::drain`]).
+    /// `task` serves this connection (a tunnel it became), on its worker:
+    /// the node may have to close it (see [`Stop::drain`]).
     pub fn track(&self, task: tokio::task::AbortHandle) {
-        self.placed.track(task);
+        self.entered.tracker().track(task);
     }
 }
 
@@ -359,29 +360,38 @@ impl Acceptor {
         // A wildcard bind accepts on every address of the host: the one this
         // client reached is the socket's own (the PROXY header names it).
         let local = if self.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(self.addr) } else { self.addr };
-        let placed = self.workers.place(self.me, local.ip());
-        let (addr, runtime, worker, id) = (self.addr, self.runtime.clone(), placed.worker, placed.id());
-        let held = Held { _node: slots.0, _frontend: slots.1, placed, _session: fe.counters.session() };
-        let serve = async move {
-            // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
-            match fe.spec.mode {
-                // Registered with the reactor of the worker that serves it.
-                Mode::Tcp => match TcpStream::from_std(stream) {
-                    Ok(stream) => {
-                        let _held = held;
-                        tcp::serve(rt, fe.clone(), stream, peer, local).await
-                    }
-                    Err(e) => tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
-                },
-                // Registered once it has to wait (see `http::ClientSocket`).
-                // A connection that becomes a tunnel hands `held` on to it.
-                Mode::Http => http::serve(runtime, rt, fe.clone(), stream, peer, addr, held).await,
-            }
+        let placed = self.workers.place(self.me);
+        let (addr, runtime, worker) = (self.addr, self.runtime.clone(), placed.worker);
+        let session = fe.counters.session();
+        // On the worker that serves it, which enters it among its own.
+        let start = move || {
+            let entered = Entered::new(local.ip());
+            let tracker = entered.tracker();
+            let held = Held { _node: slots.0, _frontend: slots.1, _placed: placed, entered, _session: session };
+            let serve = async move {
+                // Nagle is off: accepted sockets take TCP_NODELAY from the listener.
+                match fe.spec.mode {
+                    // Registered with the reactor of the worker that serves it.
+                    Mode::Tcp => match TcpStream::from_std(stream) {
+                        Ok(stream) => {
+                            let _held = held;
+                            tcp::serve(rt, fe.clone(), stream, peer, local).await
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "cannot serve an accepted connection"),
+                    },
+                    // Registered once it has to wait (see `http::ClientSocket`).
+                    // A connection that becomes a tunnel hands `held` on to it.
+                    Mode::Http => http::serve(runtime, rt, fe.clone(), stream, peer, addr, held).await,
+                }
+            };
+            // Boxed: the future is large, and tokio moves it whole at spawn and at each change of the task's stage.
+            tracker.track(tokio::spawn(Box::pin(serve)).abort_handle());
         };
-        // Boxed: the future is large, and tokio moves it whole at spawn and at each change of the task's stage.
-        let serve = Box::pin(serve);
-        let task = if worker == self.me { tokio::spawn(serve) } else { self.workers.spawn_on(worker, serve) };
-        self.workers.track(id, task.abort_handle());
+        if worker == self.me {
+            start();
+        } else {
+            self.workers.spawn_on(worker, async move { start() });
+        }
     }
 }
 

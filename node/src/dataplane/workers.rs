@@ -11,22 +11,27 @@
 //! spreads them evenly on average, and their counts swing too fast for a
 //! hand-off (which wakes the other thread) to be worth it.
 
-use std::cell::Cell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
+use slab::Slab;
+use smallvec::SmallVec;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
+    /// The client connections the worker on this thread serves. Each is
+    /// entered and removed on its worker's thread: no lock on the way of
+    /// a new connection.
+    static CONNS: RefCell<Conns> = RefCell::default();
 }
 
 /// The index of the worker running the caller (0 outside the workers).
@@ -61,48 +66,112 @@ pub struct Workers {
     average: Box<[AtomicU64]>,
     sampled: Box<[AtomicU64]>,
     epoch: Instant,
-    /// Each worker's client connections, by number.
-    conns: Box<[Mutex<HashMap<u64, Conn>>]>,
-    numbers: AtomicU64,
+}
+
+/// A worker's client connections: a slab, as one is added and removed for
+/// every connection.
+#[derive(Default)]
+struct Conns {
+    slab: Slab<Conn>,
+    /// Numbers them, so that an entry is not taken for another's that
+    /// came after it in the same place.
+    numbered: u64,
 }
 
 /// A client connection as the node may need to close it: the address the
 /// client reached, and the tasks that serve it (the connection's, then
 /// that of the tunnel it may become).
 struct Conn {
+    number: u64,
     local: IpAddr,
-    tasks: Vec<AbortHandle>,
+    tasks: SmallVec<[AbortHandle; 2]>,
     closed: bool,
+}
+
+/// A client connection's entry among its worker's, so that the node can
+/// close it (see [`Workers::close_on`]); made, used and dropped on the
+/// worker's thread.
+pub struct Entered(Tracker);
+
+/// What tells a connection's worker which tasks serve it.
+#[derive(Clone, Copy)]
+pub struct Tracker {
+    key: usize,
+    number: u64,
+}
+
+impl Entered {
+    /// Enters a connection that reached `local`.
+    pub fn new(local: IpAddr) -> Entered {
+        CONNS.with_borrow_mut(|conns| {
+            conns.numbered += 1;
+            let number = conns.numbered;
+            let key = conns.slab.insert(Conn { number, local, tasks: SmallVec::new(), closed: false });
+            Entered(Tracker { key, number })
+        })
+    }
+
+    pub fn tracker(&self) -> Tracker {
+        self.0
+    }
+}
+
+impl Tracker {
+    /// `task` serves this connection: closing it ends the task.
+    pub fn track(self, task: AbortHandle) {
+        let closed = CONNS.with_borrow_mut(|conns| match conns.slab.get_mut(self.key).filter(|c| c.number == self.number) {
+            Some(conn) if !conn.closed => {
+                conn.tasks.push(task);
+                None
+            }
+            // Closed before its task was known.
+            Some(_) => Some(task),
+            None => None,
+        });
+        // Outside the borrow: what ending a task drops may leave the list.
+        if let Some(task) = closed {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let Tracker { key, number } = self.0;
+        CONNS.with_borrow_mut(|conns| {
+            if conns.slab.get(key).is_some_and(|c| c.number == number) {
+                conns.slab.remove(key);
+            }
+        })
+    }
+}
+
+/// Closes the connections of this thread's worker that reached one of
+/// `addrs`; returns how many it closed that were not closed before.
+fn close_here(addrs: &[IpAddr]) -> usize {
+    let (closed, tasks) = CONNS.with_borrow_mut(|conns| {
+        let mut closed = 0;
+        let mut tasks = Vec::new();
+        for (_, conn) in conns.slab.iter_mut().filter(|(_, c)| !c.closed && addrs.contains(&c.local)) {
+            conn.closed = true;
+            tasks.extend(conn.tasks.drain(..));
+            closed += 1;
+        }
+        (closed, tasks)
+    });
+    // Outside the borrow: what ending a task drops may leave the list.
+    tasks.iter().for_each(AbortHandle::abort);
+    closed
 }
 
 /// A client connection counted on its worker until dropped.
 pub struct Placed {
     workers: Arc<Workers>,
     pub worker: usize,
-    number: u64,
-}
-
-/// Which connection, for [`Workers::track`].
-#[derive(Clone, Copy)]
-pub struct ConnId {
-    worker: usize,
-    number: u64,
-}
-
-impl Placed {
-    pub fn id(&self) -> ConnId {
-        ConnId { worker: self.worker, number: self.number }
-    }
-
-    /// `task` serves this connection: closing it ends the task.
-    pub fn track(&self, task: AbortHandle) {
-        self.workers.track(self.id(), task);
-    }
 }
 
 impl Drop for Placed {
     fn drop(&mut self) {
-        self.workers.conns[self.worker].lock().expect("connections lock").remove(&self.number);
         self.workers.load[self.worker].fetch_sub(1, Relaxed);
     }
 }
@@ -141,8 +210,7 @@ impl Workers {
         let load = handles.iter().map(|_| AtomicUsize::new(0)).collect();
         let average = handles.iter().map(|_| AtomicU64::new(0f64.to_bits())).collect();
         let sampled = handles.iter().map(|_| AtomicU64::new(0)).collect();
-        let conns = handles.iter().map(|_| Mutex::default()).collect();
-        Ok(Workers { handles, load, average, sampled, epoch: Instant::now(), conns, numbers: AtomicU64::new(0) })
+        Ok(Workers { handles, load, average, sampled, epoch: Instant::now() })
     }
 
     /// Client connections (and the tunnels they became) open on all workers.
@@ -150,30 +218,14 @@ impl Workers {
         self.load.iter().map(|l| l.load(Relaxed)).sum()
     }
 
-    /// `task` serves connection `id`: closing the connection ends the task.
-    pub fn track(&self, id: ConnId, task: AbortHandle) {
-        let mut conns = self.conns[id.worker].lock().expect("connections lock");
-        match conns.get_mut(&id.number) {
-            Some(conn) if !conn.closed => conn.tasks.push(task),
-            // Closed before its task was known; ended already (and not
-            // placed any more) if the task finished first.
-            Some(_) => task.abort(),
-            None => {}
-        }
-    }
-
     /// Closes every client connection that reached one of `addrs`, at once,
-    /// whatever it is doing; returns how many it closed that were not
-    /// closed before. Their tasks end the next time their worker runs.
-    pub fn close_on(&self, addrs: &[IpAddr]) -> usize {
+    /// whatever it is doing (see [`Entered`]); returns how many it closed
+    /// that were not closed before.
+    pub async fn close_on(&self, addrs: &[IpAddr]) -> usize {
         let mut closed = 0;
-        for conns in self.conns.iter() {
-            let mut conns = conns.lock().expect("connections lock");
-            for conn in conns.values_mut().filter(|c| !c.closed && addrs.contains(&c.local)) {
-                conn.closed = true;
-                conn.tasks.iter().for_each(AbortHandle::abort);
-                closed += 1;
-            }
+        for i in 0..self.len() {
+            let addrs = addrs.to_vec();
+            closed += self.spawn_on(i, async move { close_here(&addrs) }).await.unwrap_or(0);
         }
         closed
     }
@@ -183,12 +235,11 @@ impl Workers {
     /// (on average over LOAD_MEMORY, more than one and an eighth fewer, and
     /// fewer now too: a hand-off wakes the other thread, so a small or
     /// passing difference is left as it is).
-    /// `local` is the address the client reached.
-    pub fn place(self: &Arc<Self>, accepted: usize, local: IpAddr) -> Placed {
-        self.place_at(accepted, local, Instant::now())
+    pub fn place(self: &Arc<Self>, accepted: usize) -> Placed {
+        self.place_at(accepted, Instant::now())
     }
 
-    fn place_at(self: &Arc<Self>, accepted: usize, local: IpAddr, now: Instant) -> Placed {
+    fn place_at(self: &Arc<Self>, accepted: usize, now: Instant) -> Placed {
         let accepted = accepted % self.load.len();
         let now = u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
         let mine = self.average_load(accepted, now);
@@ -202,9 +253,7 @@ impl Workers {
         let clearly_fewer = mine > fewest + 1.0 + fewest / 8.0 && self.load[least].load(Relaxed) < self.load[accepted].load(Relaxed);
         let worker = if clearly_fewer { least } else { accepted };
         self.load[worker].fetch_add(1, Relaxed);
-        let number = self.numbers.fetch_add(1, Relaxed);
-        self.conns[worker].lock().expect("connections lock").insert(number, Conn { local, tasks: Vec::new(), closed: false });
-        Placed { workers: self.clone(), worker, number }
+        Placed { workers: self.clone(), worker }
     }
 
     /// Worker `i`'s load averaged over about LOAD_MEMORY, brought up to `now`
@@ -238,9 +287,10 @@ impl Workers {
     }
 
     /// Runs `task` on worker `i` (modulo the number of workers).
-    pub fn spawn_on<F>(&self, i: usize, task: F) -> tokio::task::JoinHandle<()>
+    pub fn spawn_on<F, T>(&self, i: usize, task: F) -> tokio::task::JoinHandle<T>
     where
-        F: Future<Output = ()> + Send + 'static,
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
     {
         self.handles[i % self.handles.len()].spawn(task)
     }
@@ -258,8 +308,6 @@ fn pin_to(cpu: usize) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-
     fn loads(workers: &Workers) -> Vec<usize> {
         workers.load.iter().map(|l| l.load(Relaxed)).collect()
     }
@@ -270,17 +318,17 @@ mod tests {
         let t0 = Instant::now();
         let later = |n: u32| t0 + n * LOAD_MEMORY * 10;
         // Balanced: each worker keeps what it accepts.
-        let first = workers.place_at(0, LOCAL, t0);
-        let second = workers.place_at(1, LOCAL, t0);
+        let first = workers.place_at(0, t0);
+        let second = workers.place_at(1, t0);
         assert_eq!((first.worker, second.worker), (0, 1));
         // Two more on worker 0 stay there (3 against 1, but only just now).
-        let more: Vec<Placed> = (0..2).map(|_| workers.place_at(0, LOCAL, t0)).collect();
+        let more: Vec<Placed> = (0..2).map(|_| workers.place_at(0, t0)).collect();
         assert_eq!(more.iter().map(|p| p.worker).collect::<Vec<_>>(), vec![0, 0]);
         // Once 3 against 1 has lasted, the next worker 0 accepts goes to worker 1.
-        let moved = workers.place_at(0, LOCAL, later(1));
+        let moved = workers.place_at(0, later(1));
         assert_eq!(moved.worker, 1, "3 against 1 for a while is clearly more");
         // A difference of one is left as it is, however long it lasts.
-        let kept = workers.place_at(1, LOCAL, later(2));
+        let kept = workers.place_at(1, later(2));
         assert_eq!(kept.worker, 1);
         assert_eq!(loads(&workers), vec![3, 3]);
         // Connections that end are no longer counted.
@@ -293,23 +341,23 @@ mod tests {
         let workers = Arc::new(Workers::start(2, &[]).unwrap());
         let t0 = Instant::now();
         // Ten each, for a while.
-        let steady: Vec<Placed> = (0..20).map(|i| workers.place_at(i % 2, LOCAL, t0)).collect();
+        let steady: Vec<Placed> = (0..20).map(|i| workers.place_at(i % 2, t0)).collect();
         assert_eq!(loads(&workers), vec![10, 10]);
         // Worker 0 accepts ten more within a millisecond, as short
         // connections come and go: they stay there, 20 against 10 now.
         let start = t0 + LOAD_MEMORY * 10;
-        let surge: Vec<Placed> = (0..10u32).map(|i| workers.place_at(0, LOCAL, start + Duration::from_micros(100) * i)).collect();
+        let surge: Vec<Placed> = (0..10u32).map(|i| workers.place_at(0, start + Duration::from_micros(100) * i)).collect();
         assert!(surge.iter().all(|p| p.worker == 0), "{:?}", surge.iter().map(|p| p.worker).collect::<Vec<_>>());
         assert_eq!(loads(&workers), vec![20, 10]);
         // Had the surge lasted, the next one would go to worker 1.
-        assert_eq!(workers.place_at(0, LOCAL, start + LOAD_MEMORY * 10).worker, 1);
+        assert_eq!(workers.place_at(0, start + LOAD_MEMORY * 10).worker, 1);
         // A worker that has fewer on average but more now gets nothing.
         drop(surge);
-        let extra: Vec<Placed> = (0..5).map(|_| workers.place_at(1, LOCAL, start + LOAD_MEMORY * 10)).collect();
+        let extra: Vec<Placed> = (0..5).map(|_| workers.place_at(1, start + LOAD_MEMORY * 10)).collect();
         assert!(extra.iter().all(|p| p.worker == 1));
         assert_eq!(loads(&workers), vec![10, 15]);
         assert_eq!(
-            workers.place_at(0, LOCAL, start + LOAD_MEMORY * 10 + Duration::from_millis(1)).worker,
+            workers.place_at(0, start + LOAD_MEMORY * 10 + Duration::from_millis(1)).worker,
             0,
             "worker 1 has fewer on average but more now"
         );
@@ -320,25 +368,36 @@ mod tests {
     async fn closing_an_address_ends_every_task_of_its_connections_and_no_other() {
         let workers = Arc::new(Workers::start(1, &[]).unwrap());
         let vip: IpAddr = "192.0.2.100".parse().unwrap();
-        let (on_vip, elsewhere) = (workers.place(0, vip), workers.place(0, LOCAL));
-        let forever = || workers.spawn_on(0, std::future::pending());
-        // A connection's task, then the tunnel it became.
-        let (conn, tunnel, other) = (forever(), forever(), forever());
-        on_vip.track(conn.abort_handle());
-        on_vip.track(tunnel.abort_handle());
-        elsewhere.track(other.abort_handle());
-        assert_eq!(workers.close_on(&[vip]), 1);
+        let (entered, other) = workers
+            .spawn_on(0, async move {
+                let forever = || tokio::spawn(std::future::pending::<()>());
+                // A connection's task, then the tunnel it became; and a
+                // connection on another address.
+                let (on_vip, elsewhere) = (Entered::new(vip), Entered::new("127.0.0.1".parse().unwrap()));
+                let (conn, tunnel, other) = (forever(), forever(), forever());
+                on_vip.tracker().track(conn.abort_handle());
+                on_vip.tracker().track(tunnel.abort_handle());
+                elsewhere.tracker().track(other.abort_handle());
+                ((on_vip, conn, tunnel), (elsewhere, other))
+            })
+            .await
+            .unwrap();
+        assert_eq!(workers.close_on(&[vip]).await, 1);
+        let (on_vip, conn, tunnel) = entered;
         assert!(conn.await.unwrap_err().is_cancelled());
         assert!(tunnel.await.unwrap_err().is_cancelled());
-        assert_eq!(workers.close_on(&[vip]), 0, "counted once");
+        assert_eq!(workers.close_on(&[vip]).await, 0, "counted once");
         // A task made known after its connection was closed ends at once.
-        let late = forever();
-        on_vip.track(late.abort_handle());
+        let late = workers.spawn_on(0, std::future::pending::<()>());
+        let handle = late.abort_handle();
+        workers.spawn_on(0, async move { on_vip.tracker().track(handle) }).await.unwrap();
         assert!(late.await.unwrap_err().is_cancelled());
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!other.is_finished(), "a connection on another address goes on");
-        drop(on_vip);
-        assert_eq!(workers.open(), 1);
+        assert!(!other.1.is_finished(), "a connection on another address goes on");
+        // Its entry goes with it, on its worker.
+        workers.spawn_on(0, async move { drop(other) }).await.unwrap();
+        let left = workers.spawn_on(0, async { CONNS.with_borrow(|c| c.slab.len()) }).await.unwrap();
+        assert_eq!(left, 0);
     }
 
     fn my_cpus() -> Vec<usize> {
