@@ -86,7 +86,7 @@ impl Stop {
         loop {
             if self.workers.open() > 0 && !vips.is_empty() {
                 let gone = not_on_this_host(vips);
-                let closed = self.workers.close_on(&gone).await;
+                let closed = if gone.is_empty() { 0 } else { self.workers.close_on(&gone).await };
                 if closed > 0 {
                     tracing::info!(connections = closed, vips = ?gone, "closed the connections on VIPs this node gave up: their clients reach the new holder");
                 }
