@@ -65,6 +65,7 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
     let (dataplane, stop_traffic) = DataPlane::new(shared.clone(), workers.clone(), bind_rewrite);
     let runtime = dataplane.subscribe();
     tokio::spawn(dataplane.run(cluster.clone()));
+    tokio::spawn(crate::dataplane::close_on_moved_vips(cluster.clone(), workers.clone()));
 
     let health = Arc::new(Health::default());
     tokio::spawn(checker::run(health.clone(), runtime.clone(), cluster.clone(), source));

@@ -62,6 +62,11 @@ pub struct Stop {
     workers: Arc<Workers>,
 }
 
+/// How long a VIP another node holds now may stay on this host (its
+/// address lifetime is a second by default) before its connections here
+/// are left to their timeouts.
+const MOVED_VIP_LEAVES: Duration = Duration::from_secs(5);
+
 /// How often a stopping node logs how many connections it still waits for.
 const DRAIN_REPORT: Duration = Duration::from_secs(5);
 
@@ -105,6 +110,52 @@ impl Stop {
                 told = now;
             }
             tokio::time::sleep_until(deadline.min(now + Duration::from_millis(20))).await;
+        }
+    }
+}
+
+/// Closes the connections on a VIP that another node holds now (its record
+/// is committed) once this host no longer has the address, as a stopping
+/// node does: their clients' packets go to that node, and here they would
+/// wait out their timeouts (a tunnel `timeouts.tunnel`), holding their
+/// places under `maxconn`.
+pub async fn close_on_moved_vips(cluster: Cluster, workers: Arc<Workers>) {
+    let me = cluster.id();
+    let mut applied = cluster.subscribe();
+    // The holders already seen, and VIPs another holds that were still on
+    // this host, looked at again for a while.
+    let mut seen = Vec::new();
+    let mut pending: Vec<IpAddr> = Vec::new();
+    let mut until = tokio::time::Instant::now();
+    loop {
+        let elsewhere: Vec<(IpAddr, u64, u64)> = applied
+            .borrow_and_update()
+            .state
+            .vips
+            .iter()
+            .filter(|(_, a)| a.node != me)
+            .filter_map(|(vip, a)| Some((vip.parse::<ipnet::IpNet>().ok()?.addr(), a.node, a.term)))
+            .collect();
+        if elsewhere != seen {
+            pending = elsewhere.iter().map(|(vip, ..)| *vip).collect();
+            until = tokio::time::Instant::now() + MOVED_VIP_LEAVES;
+            seen = elsewhere;
+        }
+        if tokio::time::Instant::now() >= until {
+            pending.clear();
+        }
+        if !pending.is_empty() {
+            let gone = not_on_this_host(&pending);
+            pending.retain(|vip| !gone.contains(vip));
+            let closed = if gone.is_empty() { 0 } else { workers.close_on(&gone).await };
+            if closed > 0 {
+                tracing::info!(connections = closed, vips = ?gone, "closed the connections on VIPs another node holds now");
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            // Still on this host: the manager or the address's lifetime removes it soon.
+            _ = tokio::time::sleep(Duration::from_millis(100)), if !pending.is_empty() => {}
         }
     }
 }
