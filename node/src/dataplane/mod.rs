@@ -62,11 +62,6 @@ pub struct Stop {
     workers: Arc<Workers>,
 }
 
-/// How long a VIP another node holds now may stay on this host (its
-/// address lifetime is a second by default) before its connections here
-/// are left to their timeouts.
-const MOVED_VIP_LEAVES: Duration = Duration::from_secs(5);
-
 /// How often a stopping node logs how many connections it still waits for.
 const DRAIN_REPORT: Duration = Duration::from_secs(5);
 
@@ -113,6 +108,11 @@ impl Stop {
         }
     }
 }
+
+/// How long a VIP another node holds now may stay on this host (its
+/// address lifetime is a second by default) before its connections here
+/// are left to their timeouts.
+const MOVED_VIP_LEAVES: Duration = Duration::from_secs(5);
 
 /// Closes the connections on a VIP that another node holds now (its record
 /// is committed) once this host no longer has the address, as a stopping
@@ -192,7 +192,8 @@ pub struct Held {
 
 impl Held {
     /// `task` serves this connection (a tunnel it became), on its worker:
-    /// the node may have to close it (see [`Stop::drain`]).
+    /// the node may have to close it, on a VIP it gave up (see [`Stop::drain`]
+    /// and [`close_on_moved_vips`]).
     pub fn track(&self, task: tokio::task::AbortHandle) {
         self.entered.tracker().track(task);
     }
