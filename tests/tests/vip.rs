@@ -159,6 +159,18 @@ fn sigterm_on_the_holder_moves_the_vip_with_an_outage_of_at_most_150ms() {
     assert!(s.c.nodes[from as usize - 1].log().contains("handed leadership over before stopping"));
 }
 
+/// Two client connections to the VIP: one connected and silent (10 s
+/// allowed for its request head), one idle after a request (5 s of
+/// keep-alive).
+fn silent_and_idle(t: &Topology) -> (std::net::TcpStream, KeepAlive) {
+    in_ns(&t.ns("c"), || {
+        let silent = client::connect(front(), None).expect("the client connects to the VIP");
+        let mut idle = KeepAlive::open(front()).expect("the client connects to the VIP");
+        assert_eq!(idle.get("/", &[]).expect("an answer").status, 200);
+        (silent, idle)
+    })
+}
+
 /// A client connected to the holder just before the VIP moved sends its
 /// request to the new holder; the connection on the old one would wait for
 /// it until `http_request` (10 s), and the stopping node with it.
@@ -166,15 +178,7 @@ fn sigterm_on_the_holder_moves_the_vip_with_an_outage_of_at_most_150ms() {
 fn a_stopping_holder_closes_the_connections_on_the_vip_it_gave_up_and_exits_at_once() {
     let mut s = setup();
     let from = s.holder();
-    let c = s.c.topology().ns("c");
-    // One connected and silent (10 s allowed for its request head), one
-    // idle after a request (5 s of keep-alive).
-    let (silent, idle) = in_ns(&c, || {
-        let silent = client::connect(front(), None).expect("the client connects to the VIP");
-        let mut idle = KeepAlive::open(front()).expect("the client connects to the VIP");
-        assert_eq!(idle.get("/", &[]).expect("an answer").status, 200);
-        (silent, idle)
-    });
+    let (silent, idle) = silent_and_idle(s.c.topology());
     std::thread::sleep(Duration::from_millis(200));
     let stopped = Instant::now();
     let status = s.c.node(from).terminate();
@@ -198,12 +202,7 @@ fn after_a_planned_move_the_old_holder_closes_its_connections_on_the_vip() {
     let t = s.c.topology();
     let from = s.holder();
     let to = if from == 3 { 1 } else { from + 1 };
-    let (silent, idle) = in_ns(&t.ns("c"), || {
-        let silent = client::connect(front(), None).expect("the client connects to the VIP");
-        let mut idle = KeepAlive::open(front()).expect("the client connects to the VIP");
-        assert_eq!(idle.get("/", &[]).expect("an answer").status, 200);
-        (silent, idle)
-    });
+    let (silent, idle) = silent_and_idle(t);
     let open_on = |node: u64| {
         let monitor = s.c.nodes[node as usize - 1].monitor;
         let stats = in_ns(&t.ns(&format!("n{node}")), move || client::get(monitor, "/stats", &[]).expect("the monitor answers"));
