@@ -339,7 +339,7 @@ fn cookie_insert_replaces_the_servers_own_cookie_and_keeps_its_cache_directives(
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(all(&reply, "set-cookie"), ["SRVX=1", "SRV=raw; path=/"], "the server's own SRV cookie goes, its others stay: {reply:?}");
     assert_eq!(all(&reply, "cache-control"), ["no-store"], "the server's no-store stays: {reply:?}");
-    let reply = get(at, "/max-age", &[]).unwrap();
+    let reply = get(at, "/cache/max-age", &[]).unwrap();
     assert_eq!(all(&reply, "cache-control"), ["max-age=60", "private"], "{reply:?}");
     // A client that already names the server gets no cookie, and not the server's either.
     let reply = get(at, "/own-cookie-no-store", &[("Cookie", "SRV=raw")]).unwrap();
