@@ -85,8 +85,7 @@ impl Stop {
         let mut told = tokio::time::Instant::now();
         loop {
             if self.workers.open() > 0 && !vips.is_empty() {
-                let gone = not_on_this_host(vips);
-                let closed = if gone.is_empty() { 0 } else { self.workers.close_on(&gone).await };
+                let (gone, closed) = close_on_gone(&self.workers, vips).await;
                 if closed > 0 {
                     tracing::info!(connections = closed, vips = ?gone, "closed the connections on VIPs this node gave up: their clients reach the new holder");
                 }
@@ -145,9 +144,8 @@ pub async fn close_on_moved_vips(cluster: Cluster, workers: Arc<Workers>) {
             pending.clear();
         }
         if !pending.is_empty() {
-            let gone = not_on_this_host(&pending);
+            let (gone, closed) = close_on_gone(&workers, &pending).await;
             pending.retain(|vip| !gone.contains(vip));
-            let closed = if gone.is_empty() { 0 } else { workers.close_on(&gone).await };
             if closed > 0 {
                 tracing::info!(connections = closed, vips = ?gone, "closed the connections on VIPs another node holds now");
             }
@@ -158,6 +156,14 @@ pub async fn close_on_moved_vips(cluster: Cluster, workers: Arc<Workers>) {
             _ = tokio::time::sleep(Duration::from_millis(100)), if !pending.is_empty() => {}
         }
     }
+}
+
+/// Closes the connections on those of `vips` that this host no longer has;
+/// returns those, and how many connections it closed.
+async fn close_on_gone(workers: &Workers, vips: &[IpAddr]) -> (Vec<IpAddr>, usize) {
+    let gone = not_on_this_host(vips);
+    let closed = if gone.is_empty() { 0 } else { workers.close_on(&gone).await };
+    (gone, closed)
 }
 
 /// Those of `addrs` that no interface of this host has.
