@@ -389,6 +389,15 @@ fn a_held_vip_moves_to_the_interface_a_new_spec_names() {
     };
     apply("lo.yaml", &SPEC.replace("  - address: 192.0.2.100/24\n", "  - address: 192.0.2.100/24\n    interface: lo\n"));
     wait_for(Duration::from_secs(2), "the VIP to move to lo", || (on("lo") && !on("eth0")).then_some(()));
+    // Only the address goes on lo, no route for its network: the holder
+    // still reaches its peers (192.0.2.1N) and keeps its lease and the VIP.
+    let peer = (1..=3).find(|n| *n != holder).unwrap();
+    let route = t.ip(&format!("n{holder}"), &["route", "get", &format!("192.0.2.1{peer}")]);
+    assert!(route.contains("dev eth0"), "the way to node {peer}: {route}");
+    let on_lo = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let holders: Vec<Vec<u64>> = s.sampler.since(on_lo).into_iter().map(|(_, h)| h).collect();
+    assert!(!holders.is_empty() && holders.iter().all(|h| h == &[holder]), "node {holder} kept the VIP on lo: {holders:?}");
     // An interface the node does not have: the VIP is given up, the problem
     // is shown, and adding is tried again (less and less often) until the spec is fixed.
     apply("none.yaml", &SPEC.replace("  - address: 192.0.2.100/24\n", "  - address: 192.0.2.100/24\n    interface: nosuch0\n"));

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 
 /// An interface as the VIP manager needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +15,7 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub mac: Option<[u8; 6]>,
+    pub loopback: bool,
 }
 
 pub struct Netlink {
@@ -35,7 +36,8 @@ impl Netlink {
         Ok(messages
             .into_iter()
             .map(|m| {
-                let mut link = Link { index: m.header.index, name: String::new(), mac: None };
+                let loopback = m.header.flags.contains(LinkFlags::Loopback);
+                let mut link = Link { index: m.header.index, name: String::new(), mac: None, loopback };
                 for attr in m.attributes {
                     match attr {
                         LinkAttribute::IfName(name) => link.name = name,
@@ -84,9 +86,19 @@ impl Netlink {
         lifetime.ifa_preferred = lifetime_s;
         lifetime.ifa_valid = lifetime_s;
         msg.attributes.push(AddressAttribute::CacheInfo(lifetime));
+        let mut flags = AddressFlags::empty();
         if vip.addr().is_ipv6() {
             // Duplicate-address detection would hold the address back for a second or more.
-            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+            flags |= AddressFlags::Nodad;
+        }
+        if link.loopback {
+            // On lo the kernel would make the VIP's whole network local (or
+            // route it to lo): the node could reach no host in it, its peers
+            // included. Only the address itself belongs there.
+            flags |= AddressFlags::Noprefixroute;
+        }
+        if !flags.is_empty() {
+            msg.attributes.push(AddressAttribute::Flags(flags));
         }
         req.execute().await.map_err(|e| format!("cannot add VIP {vip} on {}: {e}", link.name))
     }
