@@ -15,7 +15,7 @@ use raftlb_proto::raft::raft_transport_client::RaftTransportClient;
 use raftlb_proto::raft::raft_transport_server::RaftTransportServer;
 use raftlb_proto::raft::Payload;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::network::{Network, Peers};
 use crate::service::TransportService;
@@ -197,6 +197,8 @@ struct Inner {
     /// set it does not stand for election, and as leader it stops heartbeats
     /// and writes so that a follower takes over.
     held_back: AtomicU8,
+    /// Told when `held_back` turns on or off, for the election loop.
+    hold_changed: Notify,
     handover: watch::Sender<Handover>,
 }
 
@@ -253,6 +255,7 @@ impl Cluster {
                 peers,
                 applied,
                 held_back: AtomicU8::new(0),
+                hold_changed: Notify::new(),
                 handover: watch::channel(Handover::Idle).0,
             }),
         };
@@ -735,6 +738,7 @@ impl Cluster {
             return;
         }
         // Elections check the hold themselves (`run_elections`).
+        self.inner.hold_changed.notify_one();
         self.inner.raft.runtime_config().heartbeat(!on);
         if on {
             match reason {
@@ -755,6 +759,10 @@ impl Cluster {
 
     pub fn is_held_back(&self) -> bool {
         self.inner.held_back.load(Relaxed) != 0
+    }
+
+    pub(crate) fn hold_changed(&self) -> &Notify {
+        &self.inner.hold_changed
     }
 
     /// Heartbeats were stopped to hand leadership over; once another node

@@ -27,8 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::{Cluster, Handover, DRAINED_STANDS_AFTER};
 use crate::NodeId;
 
-/// How often a follower looks whether it should stand.
-const TICK: Duration = Duration::from_millis(5);
+/// The longest the election loop sleeps with no deadline due and nothing
+/// changed: a safety net, as every input it reads wakes it when it changes.
+const IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// How far past its own lease a follower waits before it stands: the other
 /// voters took the leader's last heartbeat a little later than it did.
@@ -85,70 +86,85 @@ impl Cluster {
     pub(crate) async fn run_elections(self) {
         let me = self.id();
         let started = Instant::now();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Leadership and membership only: the full metrics change with every heartbeat.
+        let mut server = self.raft().server_metrics();
+        // A drain or its end.
+        let mut applied = self.subscribe();
         let mut last_leader = None;
+        let mut leading = false;
         let mut led_until = None;
         // The leader's last heartbeat this node took, and when it stands if
         // none follows.
         let mut silent_since = None;
         let mut stand_at = started;
         let mut next_try = started;
+        // When to look again if nothing changes first: a heartbeat that came
+        // in meanwhile only moves the time to stand on.
+        let mut wake = started;
         loop {
-            tick.tick().await;
-            // Read in place: cloning the whole metrics 200 times a second
-            // was an idle node's largest cost.
-            let (running, state, leader, voters) = {
-                let m = self.raft().metrics();
-                let m = m.borrow();
-                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-                (m.running_state.is_ok(), m.state, m.current_leader, voters)
-            };
-            if !running {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                changed = server.changed() => if changed.is_err() { return },
+                changed = applied.changed() => if changed.is_err() { return },
+                _ = self.hold_changed().notified() => {}
+            }
+            let now = Instant::now();
+            wake = now + IDLE_LOOK;
+            if self.raft().metrics().borrow().running_state.is_err() {
                 return;
             }
+            let (state, leader, voters) = {
+                let m = server.borrow_and_update();
+                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+                (m.state, m.current_leader, voters)
+            };
             if let Some(leader) = leader.filter(|l| *l != me) {
                 last_leader = Some(leader);
             }
+            // Having led counts as having heard a leader: a node that just
+            // handed over waits its turn like every other follower.
             if state == ServerState::Leader {
-                // Having led counts as having heard a leader: a node that just
-                // handed over waits its turn like every other follower.
-                led_until = Some(Instant::now());
+                leading = true;
                 continue;
+            }
+            if leading {
+                leading = false;
+                led_until = Some(now);
             }
             if !voters.contains(&me) || self.is_held_back() {
                 continue;
             }
             let heard = self.peers().heard_from_leader().into_iter().chain(led_until).max().unwrap_or(started);
             // A drained node leaves leading to the others, unless none leads for long.
-            if self.is_drained(me) && heard.elapsed() < DRAINED_STANDS_AFTER {
+            if self.is_drained(me) && now < heard + DRAINED_STANDS_AFTER {
+                wake = heard + DRAINED_STANDS_AFTER;
                 continue;
             }
             if silent_since != Some(heard) {
                 silent_since = Some(heard);
                 stand_at = heard + self.stand_after(&voters, last_leader);
             }
-            let now = Instant::now();
-            if now < stand_at || now < next_try {
-                continue;
-            }
-            if self.pre_vote(&voters).await {
-                tracing::info!(
-                    silent_ms = heard.elapsed().as_millis() as u64,
-                    "no heartbeat from a leader and a quorum would vote: standing for election"
-                );
-                if let Err(e) = self.raft().trigger().elect().await {
-                    tracing::error!(error = %e, "cannot stand for election");
-                    return;
+            if now >= stand_at && now >= next_try {
+                if self.pre_vote(&voters).await {
+                    tracing::info!(
+                        silent_ms = heard.elapsed().as_millis() as u64,
+                        "no heartbeat from a leader and a quorum would vote: standing for election"
+                    );
+                    if let Err(e) = self.raft().trigger().elect().await {
+                        tracing::error!(error = %e, "cannot stand for election");
+                        return;
+                    }
+                    // One round takes about a lease: a node that lost it (a split
+                    // vote) stands again after a random part of the timeout range.
+                    let settings = self.settings();
+                    next_try = Instant::now()
+                        + settings.election_timeout_min
+                        + jitter(settings.election_timeout_max - settings.election_timeout_min);
+                } else {
+                    next_try = Instant::now() + PRE_VOTE_RETRY + jitter(PRE_VOTE_RETRY);
                 }
-                // One round takes about a lease: a node that lost it (a split
-                // vote) stands again after a random part of the timeout range.
-                let settings = self.settings();
-                next_try =
-                    Instant::now() + settings.election_timeout_min + jitter(settings.election_timeout_max - settings.election_timeout_min);
-            } else {
-                next_try = Instant::now() + PRE_VOTE_RETRY + jitter(PRE_VOTE_RETRY);
             }
+            wake = stand_at.max(next_try);
         }
     }
 
