@@ -132,7 +132,7 @@ const DRAIN_RETRY: Duration = Duration::from_secs(10);
 pub(crate) const DRAINED_STANDS_AFTER: Duration = Duration::from_secs(3);
 
 /// How long before the successor is asked to stand the VIPs are released.
-const RELEASE_AHEAD: Duration = Duration::from_millis(30);
+const RELEASE_AHEAD: Duration = Duration::from_millis(20);
 
 /// How long the handoff waits for the VIP manager to say it released.
 const RELEASE_WAIT: Duration = Duration::from_millis(200);

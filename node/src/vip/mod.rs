@@ -23,8 +23,14 @@ use crate::config::{Fencing, VipSettings};
 use crate::health::now_ms;
 use netlink::{Link, Netlink};
 
-/// How often the manager looks at the lease, besides every change.
+/// How soon the manager looks again at something due that it could not
+/// settle (a leader waiting for a quorum's first acknowledgement, a refresh
+/// that failed), besides every change.
 const TICK: Duration = Duration::from_millis(10);
+
+/// The longest a leader goes without looking, whatever is due: for what
+/// nothing signals (a peer reconnected, a VIP record to write again).
+const LOOK_EVERY: Duration = Duration::from_millis(50);
 
 /// A VIP that cannot be added is tried again after this, then after twice
 /// as long each time, up to `RETRY_MAX`.
@@ -120,14 +126,23 @@ impl VipManager {
     /// Holds the VIPs while this node may, until `stop` turns true; then
     /// releases them.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut metrics = self.cluster.raft().metrics();
+        // Only leadership and the term: the full metrics change with every
+        // heartbeat.
+        let mut metrics = self.cluster.raft().server_metrics();
+        // The full metrics only while a leader waits for a quorum to
+        // acknowledge it: they change as acknowledgements come in.
+        let mut progress = self.cluster.raft().metrics();
         let mut applied = self.cluster.subscribe();
         let mut handover = self.cluster.handover();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.note_metrics(&metrics.borrow_and_update());
         loop {
+            let state = *handover.borrow();
+            self.step(state).await;
+            let look = self.next_look(state);
+            let awaits_quorum = self.leading.is_some() && !self.lease_holds();
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(look.unwrap_or_else(Instant::now).into()), if look.is_some() => {}
+                changed = progress.changed(), if awaits_quorum => if changed.is_err() { break },
                 changed = metrics.changed() => {
                     if changed.is_err() { break }
                     self.note_metrics(&metrics.borrow_and_update());
@@ -136,18 +151,52 @@ impl VipManager {
                 changed = handover.changed() => if changed.is_err() { break },
                 _ = stop.changed() => break,
             }
-            let state = *handover.borrow();
-            self.step(state).await;
         }
         self.release_all("the node stops").await;
     }
 
-    fn note_metrics(&mut self, m: &openraft::RaftMetrics<u64, openraft::BasicNode>) {
+    fn note_metrics(&mut self, m: &openraft::metrics::RaftServerMetrics<u64, openraft::BasicNode>) {
+        let term = m.vote.leader_id().get_term();
         if m.state != ServerState::Leader {
             self.leading = None;
-        } else if self.leading.is_none_or(|(term, _)| term != m.current_term) {
-            self.leading = Some((m.current_term, Instant::now()));
+        } else if self.leading.is_none_or(|(t, _)| t != term) {
+            self.leading = Some((term, Instant::now()));
         }
+    }
+
+    /// When to look again if nothing changes first: the moment the lease
+    /// runs out, a refresh, an announcement or a retry is due, or a handoff
+    /// releases; as leader at least every `LOOK_EVERY`. None for a follower
+    /// that holds nothing: only a change concerns it.
+    fn next_look(&self, handover: Handover) -> Option<Instant> {
+        if self.leading.is_none() && self.held.is_empty() && handover == Handover::Idle {
+            return None;
+        }
+        let now = Instant::now();
+        // What is due already is looked at again after a tick, not in a loop.
+        let due = |at: Instant| if at <= now { now + TICK } else { at };
+        let Some(acked) = self.cluster.quorum_acked_at() else { return Some(now + TICK) };
+        let lifetime = self.settings.lifetime.get();
+        let mut at = (now + LOOK_EVERY).min(due(acked + self.settings.lease.get()));
+        for held in self.held.values() {
+            at = at.min(due(held.refreshed + lifetime / 4)).min(due(held.next_announce));
+        }
+        for retry in self.retry.values() {
+            at = at.min(due(retry.at));
+        }
+        if let Handover::Releasing { at: release } = handover {
+            at = at.min(due(release));
+        }
+        if let (Fencing::Strict, Some((_, since)), true) = (self.settings.fencing, self.leading, self.held.is_empty()) {
+            at = at.min(due(since + lifetime));
+        }
+        Some(at)
+    }
+
+    /// Whether a quorum acknowledged this node as leader within the lease.
+    fn lease_holds(&self) -> bool {
+        // The send time of the heartbeat a quorum accepted: never later than the truth.
+        self.cluster.quorum_acked_at().is_some_and(|t| t.elapsed() < self.settings.lease.get())
     }
 
     /// Whether this node may hold VIPs now, and if not, why.
@@ -160,8 +209,7 @@ impl VipManager {
             Handover::Idle => {}
         }
         let Some((_, since)) = self.leading else { return Err("this node does not lead") };
-        // The send time of the heartbeat a quorum accepted: never later than the truth.
-        if self.cluster.quorum_acked_at().is_none_or(|t| now.saturating_duration_since(t) >= self.settings.lease.get()) {
+        if !self.lease_holds() {
             return Err("no quorum acknowledged this node within the lease");
         }
         // Strict fencing: the previous holder's addresses expire within one lifetime.
