@@ -127,6 +127,9 @@ const DRAIN_HANDOVER_WAIT: Duration = Duration::from_secs(3);
 /// After a drained leader failed to hand over, before it tries again.
 const DRAIN_RETRY: Duration = Duration::from_secs(10);
 
+/// How often a drained leader looks for a voter in contact to hand over to.
+const DRAIN_LOOK: Duration = Duration::from_millis(100);
+
 /// How long this node goes without a leader before it stands although
 /// drained: a cluster without a leader could not even end the drain.
 pub(crate) const DRAINED_STANDS_AFTER: Duration = Duration::from_secs(3);
@@ -806,25 +809,29 @@ impl Cluster {
     /// Logs each change of leader, so an operator reading one node's log
     /// sees the group's history without openraft's internals.
     async fn log_leadership(self) {
-        let mut metrics = self.inner.raft.metrics();
-        let mut seen = (None, None);
+        // Leadership only: the full metrics change with every heartbeat.
+        let mut server = self.inner.raft.server_metrics();
+        let mut seen = None;
         loop {
-            let now = {
-                let m = metrics.borrow_and_update();
-                (m.current_leader, m.running_state.as_ref().err().cloned())
+            let (leader, term) = {
+                let m = server.borrow_and_update();
+                (m.current_leader, m.vote.leader_id().get_term())
             };
-            if now != seen {
-                match (&now.0, &now.1) {
-                    // `Cluster::shutdown`: the node stops as asked.
-                    (_, Some(openraft::error::Fatal::Stopped)) => tracing::info!("the Raft engine stopped"),
-                    (_, Some(fatal)) => tracing::error!(error = %fatal, "the Raft engine stopped"),
-                    (Some(l), None) if *l == self.id() => tracing::info!(term = metrics.borrow().current_term, "this node is the leader"),
-                    (Some(l), None) => tracing::info!(leader = l, term = metrics.borrow().current_term, "following the leader"),
-                    (None, None) => tracing::info!("no leader known"),
+            if leader != seen {
+                match leader {
+                    Some(l) if l == self.id() => tracing::info!(term, "this node is the leader"),
+                    Some(l) => tracing::info!(leader = l, term, "following the leader"),
+                    None => tracing::info!("no leader known"),
                 }
-                seen = now;
+                seen = leader;
             }
-            if metrics.changed().await.is_err() {
+            if server.changed().await.is_err() {
+                // The engine ended; the full metrics say why.
+                match self.inner.raft.metrics().borrow().running_state.as_ref().err() {
+                    // `Cluster::shutdown`: the node stops as asked.
+                    Some(openraft::error::Fatal::Stopped) | None => tracing::info!("the Raft engine stopped"),
+                    Some(fatal) => tracing::error!(error = %fatal, "the Raft engine stopped"),
+                }
                 return;
             }
         }
@@ -871,23 +878,35 @@ impl Cluster {
     /// that is in contact; after a failed handoff, tries again later.
     async fn follow_drain(self) {
         let me = self.id();
+        let mut server = self.inner.raft.server_metrics();
+        let mut applied = self.subscribe();
+        let mut handover = self.handover();
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            server.borrow_and_update();
+            applied.borrow_and_update();
+            handover.borrow_and_update();
+            // Looked at on each change of leader, drain or handoff, and
+            // while a drained leader has no voter to hand over to, again
+            // and again until one answers.
+            let mut again = None;
             let m = self.metrics();
-            if m.running_state.is_err() {
-                return;
+            if m.current_leader == Some(me) && self.is_drained(me) && *self.inner.handover.borrow() == Handover::Idle {
+                let reachable = |v: &NodeId| self.inner.peers.last_contact(*v).is_some_and(|d| d < QUORUM_LOST_AFTER);
+                if m.membership_config.membership().voter_ids().any(|v| v != me && !self.is_drained(v) && reachable(&v)) {
+                    tracing::info!("this node is drained: handing leadership over");
+                    if let Err(e) = self.transfer_leadership(None).await {
+                        tracing::warn!(error = %e, "a drained leader could not hand over; trying again later");
+                        tokio::time::sleep(DRAIN_RETRY).await;
+                    }
+                    continue;
+                }
+                again = Some(DRAIN_LOOK);
             }
-            if m.current_leader != Some(me) || !self.is_drained(me) || *self.inner.handover.borrow() != Handover::Idle {
-                continue;
-            }
-            let reachable = |v: &NodeId| self.inner.peers.last_contact(*v).is_some_and(|d| d < QUORUM_LOST_AFTER);
-            if !m.membership_config.membership().voter_ids().any(|v| v != me && !self.is_drained(v) && reachable(&v)) {
-                continue;
-            }
-            tracing::info!("this node is drained: handing leadership over");
-            if let Err(e) = self.transfer_leadership(None).await {
-                tracing::warn!(error = %e, "a drained leader could not hand over; trying again later");
-                tokio::time::sleep(DRAIN_RETRY).await;
+            tokio::select! {
+                _ = tokio::time::sleep(again.unwrap_or_default()), if again.is_some() => {}
+                changed = server.changed() => if changed.is_err() { return },
+                changed = applied.changed() => if changed.is_err() { return },
+                changed = handover.changed() => if changed.is_err() { return },
             }
         }
     }
