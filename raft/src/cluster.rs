@@ -789,15 +789,19 @@ impl Cluster {
     /// Measured by the transport itself when the message was sent, so it
     /// is never later than the truth however late this is asked.
     pub fn quorum_acked_at(&self) -> Option<Instant> {
-        let m = self.metrics();
-        if m.state != ServerState::Leader {
-            return None;
-        }
+        // Read in place from the server metrics: the VIP manager asks on each wake-up.
+        let (term, voters) = {
+            let m = self.inner.raft.server_metrics();
+            let m = m.borrow();
+            if m.state != ServerState::Leader {
+                return None;
+            }
+            (m.vote.leader_id().get_term(), m.membership_config.membership().voter_ids().collect::<Vec<NodeId>>())
+        };
         let me = self.id();
         let now = Instant::now();
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
         let mut acked: Vec<Instant> =
-            voters.iter().filter_map(|v| if *v == me { Some(now) } else { self.inner.peers.acked_at(*v, m.current_term) }).collect();
+            voters.iter().filter_map(|v| if *v == me { Some(now) } else { self.inner.peers.acked_at(*v, term) }).collect();
         let quorum = voters.len() / 2 + 1;
         if acked.len() < quorum {
             return None;

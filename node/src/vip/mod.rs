@@ -138,8 +138,9 @@ impl VipManager {
         loop {
             let state = *handover.borrow();
             self.step(state).await;
-            let look = self.next_look(state);
-            let awaits_quorum = self.leading.is_some() && !self.lease_holds();
+            let acked = self.cluster.quorum_acked_at();
+            let look = self.next_look(state, acked);
+            let awaits_quorum = self.leading.is_some() && !self.within_lease(acked);
             tokio::select! {
                 _ = tokio::time::sleep_until(look.unwrap_or_else(Instant::now).into()), if look.is_some() => {}
                 changed = progress.changed(), if awaits_quorum => if changed.is_err() { break },
@@ -168,14 +169,14 @@ impl VipManager {
     /// runs out, a refresh, an announcement or a retry is due, or a handoff
     /// releases; as leader at least every `LOOK_EVERY`. None for a follower
     /// that holds nothing: only a change concerns it.
-    fn next_look(&self, handover: Handover) -> Option<Instant> {
+    fn next_look(&self, handover: Handover, acked: Option<Instant>) -> Option<Instant> {
         if self.leading.is_none() && self.held.is_empty() && handover == Handover::Idle {
             return None;
         }
         let now = Instant::now();
         // What is due already is looked at again after a tick, not in a loop.
         let due = |at: Instant| if at <= now { now + TICK } else { at };
-        let Some(acked) = self.cluster.quorum_acked_at() else { return Some(now + TICK) };
+        let Some(acked) = acked else { return Some(now + TICK) };
         let lifetime = self.settings.lifetime.get();
         let mut at = (now + LOOK_EVERY).min(due(acked + self.settings.lease.get()));
         for held in self.held.values() {
@@ -193,10 +194,10 @@ impl VipManager {
         Some(at)
     }
 
-    /// Whether a quorum acknowledged this node as leader within the lease.
-    fn lease_holds(&self) -> bool {
-        // The send time of the heartbeat a quorum accepted: never later than the truth.
-        self.cluster.quorum_acked_at().is_some_and(|t| t.elapsed() < self.settings.lease.get())
+    /// Whether `acked`, the send time of the heartbeat a quorum accepted
+    /// ([`Cluster::quorum_acked_at`]: never later than the truth), is within the lease.
+    fn within_lease(&self, acked: Option<Instant>) -> bool {
+        acked.is_some_and(|t| t.elapsed() < self.settings.lease.get())
     }
 
     /// Whether this node may hold VIPs now, and if not, why.
@@ -209,7 +210,7 @@ impl VipManager {
             Handover::Idle => {}
         }
         let Some((_, since)) = self.leading else { return Err("this node does not lead") };
-        if !self.lease_holds() {
+        if !self.within_lease(self.cluster.quorum_acked_at()) {
             return Err("no quorum acknowledged this node within the lease");
         }
         // Strict fencing: the previous holder's addresses expire within one lifetime.
