@@ -231,12 +231,18 @@ pub const CACHE_CASES: &[(&str, &str)] = &[
     ("not-found", "HTTP/1.1 404 Not Found\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\n"),
 ];
 
+/// Bytes of the very form the proxy's HTTP library writes by itself when a
+/// client's request head does not parse.
+pub const ERROR_FORM: &str =
+    "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 23 Nov 2026 06:15:18 GMT\r\n\r\n";
+
 /// A server that answers each request with the raw response its path names,
 /// for responses a well-behaved server would not send: `/bad-chunk` (a chunk
 /// size that does not parse), `/folded` (an obsolete folded header),
 /// `/lengths` (`Content-Length: 5, 5`), `/space-before-colon`,
 /// `/own-cookie-no-store` (its own `SRV` cookie and `no-store`),
-/// `/cache/CASE` (a head of [`CACHE_CASES`]); any other path gets a chunked
+/// `/cache/CASE` (a head of [`CACHE_CASES`]), `/error-form` (a body of
+/// `abc` then, 100 ms later, [`ERROR_FORM`]); any other path gets a chunked
 /// `hello`, whose body for `/late` follows 100 ms after the head. One
 /// request per connection.
 pub fn raw_http_server(name: &str, addr: &str) -> TestServer {
@@ -244,6 +250,14 @@ pub fn raw_http_server(name: &str, addr: &str) -> TestServer {
         let Some(request) = read_head(&mut stream).await else { return };
         hits.fetch_add(1, Relaxed);
         let path = String::from_utf8_lossy(&request).split_whitespace().nth(1).unwrap_or_default().to_owned();
+        if path == "/error-form" {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nabc", 3 + ERROR_FORM.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = stream.write_all(ERROR_FORM.as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return;
+        }
         let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
         let (head, body) = match path.as_str() {
             "/bad-chunk" => (chunked, "zz\r\nhello\r\n0\r\n\r\n"),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raftlb_tests::backend::{http_server, raw_http_server, tcp_server, TestServer, CACHE_CASES};
+use raftlb_tests::backend::{http_server, raw_http_server, tcp_server, TestServer, CACHE_CASES, ERROR_FORM};
 use raftlb_tests::client::{self, connect, get, get_from, KeepAlive};
 use raftlb_tests::{apply_spec, free_port, wait_for, Cluster};
 
@@ -325,6 +325,22 @@ fn server_responses_that_do_not_parse_get_502_and_a_repeated_length_goes_on_as_o
 }
 
 #[test]
+fn a_server_body_that_reads_as_an_error_answer_reaches_the_client_unchanged() {
+    let c = Cluster::formed(1);
+    let raw = raw_http_server("raw", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, "", &servers_yaml(&[(&raw, "")])));
+    let at = c.nodes[0].frontend(bind);
+    // Its last part, written on its own, has the form of the HTTP library's
+    // own answer to a malformed request, which the proxy replaces by a page:
+    // a response's own bytes are never taken for one.
+    let reply = wait_for(Duration::from_secs(5), "the frontend to answer", || get(at, "/error-form", &[]).ok());
+    assert_eq!((reply.status, reply.body.as_str()), (200, format!("abc{ERROR_FORM}").as_str()), "{reply:?}");
+    let stats = c.nodes[0].stats();
+    assert_eq!(stats["frontends"]["web"]["responses"]["4xx"], 0, "{stats}");
+}
+
+#[test]
 fn cookie_insert_replaces_the_servers_own_cookie_and_keeps_its_cache_directives() {
     let c = Cluster::formed(1);
     let raw = raw_http_server("raw", "127.0.0.1:0");
@@ -565,15 +581,40 @@ fn an_oversized_head_gets_431_garbage_400_and_a_body_that_cannot_go_on_400_or_42
     let (a, bind) = serve_one(&c, "g.yaml");
     let hits = a.hits();
     let big = "x".repeat(100 * 1024);
-    let raw = |bytes: &[u8]| {
+    let answer = |bytes: &[u8]| {
         let mut s = connect(bind, None).unwrap();
         s.write_all(bytes).unwrap();
-        client::read_reply(&mut BufReader::new(s)).unwrap().status
+        client::read_reply(&mut BufReader::new(s)).unwrap()
     };
-    assert_eq!(raw(format!("GET / HTTP/1.1\r\nHost: lb.test\r\nX-Big: {big}\r\n\r\n").as_bytes()), 431);
-    assert_eq!(raw(b"\x16\x03\x01 this is not http\r\n\r\n"), 400);
-    assert_eq!(raw(b"GET / HTTP/1.1\r\nHost lb.test\r\n\r\n"), 400);
-    assert_eq!(a.hits(), hits, "nothing malformed reached the server");
+    let raw = |bytes: &[u8]| answer(bytes).status;
+    // Each with HAProxy's kind of page, as every other error answer.
+    let page = |reply: &client::Reply, status: &str| {
+        assert_eq!(reply.header("content-type"), Some("text/html"), "{reply:?}");
+        assert!(reply.body.starts_with(&format!("<html><body><h1>{status} ")), "{reply:?}");
+        assert_eq!(reply.header("connection"), Some("close"), "{reply:?}");
+    };
+    let too_large = answer(format!("GET / HTTP/1.1\r\nHost: lb.test\r\nX-Big: {big}\r\n\r\n").as_bytes());
+    assert_eq!(too_large.status, 431);
+    page(&too_large, "431");
+    let garbage = answer(b"\x16\x03\x01 this is not http\r\n\r\n");
+    assert_eq!(garbage.status, 400);
+    page(&garbage, "400");
+    let no_colon = answer(b"GET / HTTP/1.1\r\nHost lb.test\r\n\r\n");
+    assert_eq!(no_colon.status, 400);
+    page(&no_colon, "400");
+    // Garbage after a good request on the same connection: the good one is
+    // answered, then the garbage gets its page.
+    let mut s = connect(bind, None).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb.test\r\n\r\nGARBAGE\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    assert_eq!(client::read_reply(&mut r).unwrap().status, 200);
+    let after = client::read_reply(&mut r).unwrap();
+    assert_eq!(after.status, 400);
+    page(&after, "400");
+    assert_eq!(a.hits(), hits + 1, "nothing malformed reached the server");
+    let stats = c.nodes[0].stats();
+    assert_eq!(stats["frontends"]["web"]["responses"]["4xx"], 4, "each answer counted: {stats}");
+    assert_eq!(stats["frontends"]["web"]["errors"], 4, "{stats}");
     // A malformed chunk in a request body is the client's error, not the server's.
     let bad_chunk = raw(b"POST / HTTP/1.1\r\nHost: lb.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n");
     assert_eq!(bad_chunk, 400);

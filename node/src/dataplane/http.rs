@@ -48,6 +48,8 @@ pub struct Pool {
 const NO_SERVER: &str = "No server is available to handle this request.";
 const BAD_REQUEST: &str = "Your browser sent an invalid request.";
 const REQUEST_TIMEOUT: &str = "Your browser didn't send a complete request in time.";
+const HEAD_TOO_LARGE: &str = "Your browser sent a request whose headers are too large.";
+const URI_TOO_LONG: &str = "Your browser sent a request whose URI is too long.";
 
 /// Idle connections kept per server.
 const POOL_LIMIT: usize = 256;
@@ -93,8 +95,6 @@ struct Client {
     runtime: Mutex<Spec>,
     local: SocketAddr,
     peer: SocketAddr,
-    /// Requests answered on this connection so far (`http_reuse: safe` keeps the first on its own connection).
-    served: AtomicU64,
     conn: Arc<ConnState>,
     /// The wait for a server's response head, for one request at a time.
     server_wait: Mutex<IdleTimer>,
@@ -128,6 +128,13 @@ struct ConnState {
     head_timed_out: AtomicBool,
     /// The client asked to close the connection after this response.
     closing: AtomicBool,
+    /// Requests handed to the service so far (`http_reuse: safe` keeps the
+    /// first on its own connection; a write with none since the last is not
+    /// an answer to one of them).
+    served: AtomicU64,
+    /// A request's response gave its last bytes to hyper, which may not have
+    /// written them yet: the next write is theirs.
+    tail: AtomicBool,
 }
 
 /// A client connection's view of the spec in force: the version, and the
@@ -189,6 +196,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.tail.store(true, Relaxed);
     }
 }
 
@@ -221,6 +229,9 @@ pub async fn serve(
         kept_alive: false,
         wait: IdleTimer::new(head_timeout),
         write_blocked: IdleTimer::new(client_timeout),
+        served_at_write: 0,
+        write_unfinished: false,
+        page: None,
         conn: conn.clone(),
         counters: fe.counters.clone(),
     };
@@ -229,7 +240,6 @@ pub async fn serve(
         runtime: Mutex::new(spec),
         local,
         peer,
-        served: AtomicU64::new(0),
         conn: conn.clone(),
         server_wait: Mutex::new(IdleTimer::new(server_timeout)),
         own: Mutex::default(),
@@ -315,7 +325,7 @@ fn error_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
 }
 
 async fn handle(client: &Arc<Client>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let first = client.served.fetch_add(1, Relaxed) == 0;
+    let first = client.conn.served.fetch_add(1, Relaxed) == 0;
     if asks_to_close(&req) {
         // hyper closes the connection after this response: no wait for another.
         client.conn.closing.store(true, Relaxed);
@@ -999,6 +1009,14 @@ struct ClientIo {
     wait: IdleTimer,
     /// A client that stops reading blocks our writes: `timeouts.client` ends it.
     write_blocked: IdleTimer,
+    /// The connection's count of requests handed to the service at the last
+    /// write: a write with none handed over since answers none of them.
+    served_at_write: u64,
+    /// The last write left bytes for later (hyper writes them next).
+    write_unfinished: bool,
+    /// An error page that stands in for hyper's own bodiless answer, and
+    /// goes out before anything else.
+    page: Option<Bytes>,
     conn: Arc<ConnState>,
     counters: Arc<Counters>,
 }
@@ -1142,6 +1160,50 @@ impl AsyncRead for ClientIo {
 
 impl AsyncWrite for ClientIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.send_page(cx))?;
+        if let Some(status) = self.hyper_answer(data) {
+            // Taken as written: the page goes out instead, by the flush that
+            // follows every write of hyper's.
+            let text = match status {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => HEAD_TOO_LARGE,
+                StatusCode::URI_TOO_LONG => URI_TOO_LONG,
+                _ => BAD_REQUEST,
+            };
+            self.counters.response(status.as_u16());
+            self.page = Some(Bytes::from(canned(status, text)));
+            return Poll::Ready(Ok(data.len()));
+        }
+        self.served_at_write = self.conn.served.load(Relaxed);
+        let written = self.send(cx, data);
+        self.write_unfinished = !matches!(written, Poll::Ready(Ok(n)) if n == data.len());
+        if !self.write_unfinished && self.conn.tail.load(Relaxed) {
+            self.conn.tail.store(false, Relaxed);
+        }
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Writes go straight to the socket: nothing is buffered here but a page.
+        self.send_page(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.send_page(cx))?;
+        if self.conn.head_timed_out.load(Relaxed) {
+            // The 408 goes out first, once hyper has let go of the socket.
+            return Poll::Ready(Ok(()));
+        }
+        match &self.inner {
+            Some(ClientSocket::Direct(stream)) => Poll::Ready(stream.shutdown(std::net::Shutdown::Write)),
+            _ => self.polled()?.poll_shutdown(cx),
+        }
+    }
+}
+
+impl ClientIo {
+    /// Writes to the socket: directly while it takes the bytes, through the
+    /// reactor once it would block.
+    fn send(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         let direct = match &self.inner {
             Some(ClientSocket::Direct(stream)) => match std::io::Write::write(&mut &*stream, data) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
@@ -1162,21 +1224,60 @@ impl AsyncWrite for ClientIo {
         Poll::Ready(Ok(written))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // Writes go straight to the socket: nothing is buffered here.
+    /// Sends what is left of an error page, if any.
+    fn send_page(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some(mut page) = self.page.take() {
+            let sent = match self.send(cx, &page) {
+                Poll::Pending => {
+                    self.page = Some(page);
+                    return Poll::Pending;
+                }
+                Poll::Ready(sent) => sent?,
+            };
+            if sent == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            bytes::Buf::advance(&mut page, sent);
+            if !page.is_empty() {
+                self.page = Some(page);
+            }
+        }
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.conn.head_timed_out.load(Relaxed) {
-            // The 408 goes out first, once hyper has let go of the socket.
-            return Poll::Ready(Ok(()));
-        }
-        match &self.inner {
-            Some(ClientSocket::Direct(stream)) => Poll::Ready(stream.shutdown(std::net::Shutdown::Write)),
-            _ => self.polled()?.poll_shutdown(cx),
-        }
+    /// The status of hyper's own answer to a request head it could not parse
+    /// (400, 414 or 431, with no body), when `data` is one: HAProxy answers
+    /// these with a page, as every other error here. hyper writes such an
+    /// answer only when no response is under way, so `data` is taken for one
+    /// only then: no request was handed to the service since the last write,
+    /// none is in flight, the last response's last bytes are written, and the
+    /// last write went out whole.
+    fn hyper_answer(&self, data: &[u8]) -> Option<StatusCode> {
+        let status = automatic_answer(data)?;
+        let quiet = !self.write_unfinished
+            && self.conn.in_flight.load(Relaxed) == 0
+            && !self.conn.tail.load(Relaxed)
+            && self.conn.served.load(Relaxed) == self.served_at_write;
+        quiet.then_some(status)
     }
+}
+
+/// The status of `data` when it is, whole, an answer of the form hyper
+/// writes by itself for a head it cannot parse.
+fn automatic_answer(data: &[u8]) -> Option<StatusCode> {
+    const FORMS: [(StatusCode, &[u8]); 3] = [
+        (StatusCode::BAD_REQUEST, b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: "),
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: ",
+        ),
+        (StatusCode::URI_TOO_LONG, b"HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-length: 0\r\ndate: "),
+    ];
+    // The form ends with the date and the head's end: nothing follows.
+    if data.len() > 160 || !data.starts_with(b"HTTP/1.1 4") || !data.ends_with(b" GMT\r\n\r\n") {
+        return None;
+    }
+    FORMS.iter().find(|(_, form)| data.starts_with(form)).map(|(status, _)| *status)
 }
 
 /// A client's request body on its way to the server: counts bytes, and ends
@@ -1315,6 +1416,24 @@ impl IdleTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_whole_form_of_hyper_s_own_answer_is_taken_for_one() {
+        let date = "date: Mon, 23 Nov 2026 06:15:18 GMT\r\n\r\n";
+        let form = |line: &str| format!("HTTP/1.1 {line}\r\nconnection: close\r\ncontent-length: 0\r\n{date}");
+        assert_eq!(automatic_answer(form("400 Bad Request").as_bytes()), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            automatic_answer(form("431 Request Header Fields Too Large").as_bytes()),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        assert_eq!(automatic_answer(form("414 URI Too Long").as_bytes()), Some(StatusCode::URI_TOO_LONG));
+        // Any other status, header, or anything after the head is not it.
+        assert_eq!(automatic_answer(form("404 Not Found").as_bytes()), None);
+        assert_eq!(automatic_answer(format!("{}x", form("400 Bad Request")).as_bytes()), None);
+        let other = format!("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n{date}");
+        assert_eq!(automatic_answer(other.as_bytes()), None);
+        assert_eq!(automatic_answer(&form("400 Bad Request").as_bytes()[..40]), None);
+    }
 
     #[tokio::test]
     async fn an_idle_timer_polled_again_by_its_task_still_goes_off_at_its_deadline() {
