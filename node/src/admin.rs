@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::dataplane::runtime::RuntimeWatch;
 use crate::health::{now_ms, Health};
+use crate::stick_sync::Links;
 use crate::vip::VipStatus;
 
 /// How long a node waits for another node's admin API (the leader for a
@@ -27,11 +28,12 @@ pub struct AdminService {
     health: Arc<Health>,
     runtime: RuntimeWatch,
     vips: Arc<VipStatus>,
+    stick_links: Arc<Links>,
 }
 
 impl AdminService {
-    pub fn new(cluster: Cluster, health: Arc<Health>, runtime: RuntimeWatch, vips: Arc<VipStatus>) -> Self {
-        AdminService { cluster, health, runtime, vips }
+    pub fn new(cluster: Cluster, health: Arc<Health>, runtime: RuntimeWatch, vips: Arc<VipStatus>, stick_links: Arc<Links>) -> Self {
+        AdminService { cluster, health, runtime, vips, stick_links }
     }
 
     fn local_status(&self) -> ClusterStatusReply {
@@ -365,6 +367,15 @@ impl Admin for AdminService {
             .map(|(vip, a)| HeldVip { vip: vip.clone(), node: a.node, interface: String::new(), since_ms: a.since_ms, term: a.term })
             .collect();
         Ok(Response::new(VipListReply { vips, unheld, unreachable, problems, committed }))
+    }
+
+    async fn stick_sync(&self, req: Request<StickSyncRequest>) -> Result<Response<StickSyncReply>, Status> {
+        let StickSyncRequest { from, entries, send_whole } = req.into_inner();
+        crate::stick_sync::learn(&self.runtime, entries)?;
+        if send_whole {
+            self.stick_links.send_whole_to(from);
+        }
+        Ok(Response::new(StickSyncReply {}))
     }
 
     async fn vip_local(&self, _: Request<VipLocalRequest>) -> Result<Response<VipLocalReply>, Status> {

@@ -80,6 +80,8 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
         settings: self_check,
     };
     tokio::spawn(selfcheck.run());
+    let stick_links = Arc::new(crate::stick_sync::Links::default());
+    tokio::spawn(crate::stick_sync::run(cluster.clone(), runtime.clone(), stick_links.clone()));
     let vips = Arc::new(VipStatus::default());
     let (stop_vips, vips_stopped) = tokio::sync::watch::channel(false);
     let manager = VipManager::new(cluster.clone(), vip, vips.clone()).context("cannot open a netlink socket for the VIPs")?;
@@ -121,7 +123,7 @@ pub async fn run(node: Resolved) -> anyhow::Result<()> {
     };
     Server::builder()
         .add_service(cluster.transport_service())
-        .add_service(AdminServer::new(AdminService::new(cluster.clone(), health, runtime, vips)))
+        .add_service(AdminServer::new(AdminService::new(cluster.clone(), health, runtime, vips, stick_links)))
         .serve_with_incoming_shutdown(incoming, stop)
         .await
         .context("the gRPC server failed")?;

@@ -11,6 +11,7 @@ mod demo;
 mod health;
 mod monitor;
 mod stats;
+mod stick_sync;
 mod vip;
 
 use std::process::ExitCode;

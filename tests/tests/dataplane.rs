@@ -341,6 +341,42 @@ fn a_server_body_that_reads_as_an_error_answer_reaches_the_client_unchanged() {
 }
 
 #[test]
+fn the_stick_table_is_shared_so_a_client_keeps_its_server_on_every_node() {
+    let mut c = Cluster::formed(3);
+    let (a, b) = (http_server("a", "127.0.0.1:0"), http_server("b", "127.0.0.1:0"));
+    let bind = front();
+    let stick = "    balance: roundrobin\n    stick: { on: src, expire: 30s }\n";
+    let spec = |b_extra: &str| http_spec(bind, stick, &servers_yaml(&[(&a, ""), (&b, b_extra)]));
+    apply_spec(&c, 1, "stick.yaml", &spec(""));
+    // Node 3 is down while the entries are made: it gets them when it is back.
+    c.node(3).kill();
+    let ask = |c: &Cluster, node: usize, client: &str| {
+        get_from(Some(client.parse().unwrap()), c.nodes[node].frontend(bind), "/", &[]).map(|r| r.server())
+    };
+    wait_for(Duration::from_secs(5), "node 1 to serve", || ask(&c, 0, "127.0.0.10").ok());
+    let (first, second) = (ask(&c, 0, "127.0.0.11").unwrap(), ask(&c, 0, "127.0.0.12").unwrap());
+    assert_ne!(first, second, "round robin gives the two clients a server each");
+    let on_b = if first == "b" { "127.0.0.11" } else { "127.0.0.12" };
+    // Nodes send their new entries every 100 ms.
+    std::thread::sleep(Duration::from_secs(1));
+    // Server b takes no new sessions from now on: only a stick entry leads a client to it.
+    let drained = apply_spec(&c, 1, "stick-drained.yaml", &spec(", weight: 0"));
+    wait_for(Duration::from_secs(5), "node 2 to have the new spec", || {
+        (c.nodes[1].stats()["config_version"].as_u64() == Some(drained)).then_some(())
+    });
+    assert_eq!(ask(&c, 1, "127.0.0.13").unwrap(), "a", "a new client goes to a");
+    assert_eq!(ask(&c, 1, on_b).unwrap(), "b", "node 2 knows node 1's entry");
+    // Node 3 back: it exchanges whole tables with the others as it starts.
+    c.node(3).start();
+    wait_for(Duration::from_secs(10), "node 3 to serve the new spec", || {
+        // Its monitor answers once it serves.
+        (ask(&c, 2, "127.0.0.14").is_ok() && c.nodes[2].stats()["config_version"].as_u64() == Some(drained)).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ask(&c, 2, on_b).unwrap(), "b", "node 3 learned the entry when it came back");
+}
+
+#[test]
 fn cookie_insert_replaces_the_servers_own_cookie_and_keeps_its_cache_directives() {
     let c = Cluster::formed(1);
     let raw = raw_http_server("raw", "127.0.0.1:0");

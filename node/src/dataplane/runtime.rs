@@ -135,8 +135,25 @@ pub struct BackendShared {
     /// Requests in the queue: a release wakes them only if there are any.
     waiting: AtomicU64,
     /// Source stickiness: client address -> server name, until the instant.
-    stick: Mutex<HashMap<IpAddr, (String, Instant)>>,
+    stick: Mutex<StickTable>,
 }
+
+#[derive(Default)]
+struct StickTable {
+    entries: HashMap<IpAddr, Stuck>,
+    /// Entries made or refreshed here since the other nodes were last told.
+    news: Vec<(IpAddr, String, Instant)>,
+}
+
+struct Stuck {
+    server: String,
+    until: Instant,
+    /// The expiry the other nodes know of.
+    told: Instant,
+}
+
+/// Entries kept per backend; past it, the expired ones are dropped.
+const STICK_ENTRIES: usize = 100_000;
 
 /// The state that outlives spec versions, found again by name.
 #[derive(Default)]
@@ -501,17 +518,68 @@ impl BackendRt {
     fn stuck(&self, src: IpAddr) -> Option<String> {
         self.spec.stick.as_ref()?;
         let table = self.shared.stick.lock().expect("stick table lock");
-        table.get(&src).filter(|(_, until)| *until > Instant::now()).map(|(name, _)| name.clone())
+        table.entries.get(&src).filter(|s| s.until > Instant::now()).map(|s| s.server.clone())
     }
 
     fn stick(&self, src: IpAddr, index: usize) {
         let Some(stick) = &self.spec.stick else { return };
+        let expire = stick.expire.get();
         let mut table = self.shared.stick.lock().expect("stick table lock");
         let now = Instant::now();
-        if table.len() > 100_000 {
-            table.retain(|_, (_, until)| *until > now);
+        if table.entries.len() > STICK_ENTRIES {
+            table.entries.retain(|_, s| s.until > now);
         }
-        table.insert(src, (self.servers[index].spec.name.clone(), now + stick.expire.get()));
+        let (server, until) = (&self.servers[index].spec.name, now + expire);
+        // The others hear of a new entry, a new server, and a refresh that
+        // moved the expiry by more than a quarter of `expire`: not of every request.
+        let tell = match table.entries.get_mut(&src) {
+            Some(s) if s.server == *server => {
+                s.until = until;
+                let tell = until > s.told + expire / 4;
+                if tell {
+                    s.told = until;
+                }
+                tell
+            }
+            _ => {
+                table.entries.insert(src, Stuck { server: server.clone(), until, told: until });
+                true
+            }
+        };
+        if tell && table.news.len() < STICK_ENTRIES {
+            table.news.push((src, server.clone(), until));
+        }
+    }
+
+    /// An entry another node made: kept unless this node has a later one.
+    pub fn learn(&self, src: IpAddr, server: String, until: Instant) {
+        if self.spec.stick.is_none() {
+            return;
+        }
+        let mut table = self.shared.stick.lock().expect("stick table lock");
+        let now = Instant::now();
+        if table.entries.len() > STICK_ENTRIES {
+            table.entries.retain(|_, s| s.until > now);
+        }
+        match table.entries.get_mut(&src) {
+            Some(s) if s.until >= until => {}
+            // Known to the others already: not told again.
+            _ => {
+                table.entries.insert(src, Stuck { server, until, told: until });
+            }
+        }
+    }
+
+    /// The entries made or refreshed here since the last call.
+    pub fn stick_news(&self) -> Vec<(IpAddr, String, Instant)> {
+        std::mem::take(&mut self.shared.stick.lock().expect("stick table lock").news)
+    }
+
+    /// Every entry that has not expired.
+    pub fn stick_entries(&self) -> Vec<(IpAddr, String, Instant)> {
+        let table = self.shared.stick.lock().expect("stick table lock");
+        let now = Instant::now();
+        table.entries.iter().filter(|(_, s)| s.until > now).map(|(ip, s)| (*ip, s.server.clone(), s.until)).collect()
     }
 }
 
@@ -776,6 +844,33 @@ mod tests {
         // whose next turn is the other server; the client then sticks to it.
         let second = pick(&be, None).await.unwrap();
         assert_ne!(second, first);
+        assert_eq!(pick(&be, None).await.unwrap(), second);
+    }
+
+    #[tokio::test]
+    async fn the_other_nodes_hear_of_new_entries_not_of_every_request_or_of_their_own() {
+        let spec = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n";
+        let yaml = format!("backends:\n  - name: b\n    balance: roundrobin\n    stick: {{ on: src, expire: 10s }}\n    servers:\n{spec}");
+        let rt = Shared::default().compile(&Spec::from_yaml(&yaml).unwrap(), &BindRewrite::new());
+        let be = rt.backends["b"].clone();
+        let first = pick(&be, None).await.unwrap();
+        let news = be.stick_news();
+        assert_eq!(news.len(), 1, "{news:?}");
+        assert_eq!((news[0].0, news[0].1.as_str()), (CLIENT, first.as_str()));
+        // Refreshed by every request, told again only once the expiry moved by a quarter.
+        pick(&be, None).await.unwrap();
+        assert!(be.stick_news().is_empty());
+        // Another node's entry is kept, and not told back.
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        be.learn(other, "b".into(), Instant::now() + Duration::from_secs(5));
+        assert!(be.stick_news().is_empty());
+        assert!(be.stick_entries().iter().any(|(ip, server, _)| *ip == other && server == "b"));
+        // One older than this node's own entry changes nothing.
+        let second = if first == "a" { "b" } else { "a" };
+        be.learn(CLIENT, second.into(), Instant::now() + Duration::from_secs(1));
+        assert_eq!(pick(&be, None).await.unwrap(), first);
+        // A later one wins: the newest decision, wherever it was made.
+        be.learn(CLIENT, second.into(), Instant::now() + Duration::from_secs(20));
         assert_eq!(pick(&be, None).await.unwrap(), second);
     }
 }

@@ -1,0 +1,245 @@
+//! Source-stickiness tables shared by the nodes, as HAProxy's peers share
+//! stick tables: every [`EVERY`] a node sends the entries it made or
+//! refreshed to every other member. A node that may have missed entries (it
+//! started, or could not reach a member) asks that member for its whole
+//! table, and sends its own. A client keeps its server when the VIP moves
+//! to another node. Entries of a backend this node does not have (a spec
+//! change on its way) are left out.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftlb_proto::admin::admin_client::AdminClient;
+use raftlb_proto::admin::{StickEntry, StickSyncRequest};
+use raftlb_raft::Cluster;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::dataplane::runtime::{BackendRt, RuntimeWatch};
+
+/// How often a node sends its new entries.
+pub const EVERY: Duration = Duration::from_millis(100);
+/// How soon a failed send to a member is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// How long a member may take to answer.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Batches waiting for a slow member; past it, the whole table goes instead.
+const QUEUED: usize = 64;
+/// Entries per call, so a large table stays well under gRPC's message limit.
+const CHUNK: usize = 10_000;
+
+/// The links to the other members, for the admin API to reach: a member
+/// that asks for the whole table gets it by its link.
+#[derive(Default)]
+pub struct Links {
+    wants_whole: Mutex<HashMap<u64, Wake>>,
+}
+
+/// How the admin API has a link send the whole table.
+#[derive(Clone)]
+struct Wake {
+    whole: Arc<AtomicBool>,
+    batches: mpsc::Sender<Arc<Vec<StickEntry>>>,
+}
+
+impl Links {
+    /// Member `from` asked for this node's whole table.
+    pub fn send_whole_to(&self, from: u64) {
+        if let Some(wake) = self.wants_whole.lock().expect("stick links lock").get(&from) {
+            wake.whole.store(true, Relaxed);
+            // Wakes the link if it waits for a batch.
+            let _ = wake.batches.try_send(Arc::new(Vec::new()));
+        }
+    }
+}
+
+/// Sends this node's entries to the other members until the node stops.
+/// Without a backend that sticks, it only waits for the next spec.
+pub async fn run(cluster: Cluster, mut runtime: RuntimeWatch, links: Arc<Links>) {
+    let me = cluster.id();
+    let mut peers: HashMap<u64, Peer> = HashMap::new();
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let rt = runtime.borrow_and_update().clone();
+        let sticky: Vec<&Arc<BackendRt>> = rt.iter().flat_map(|rt| rt.backends.values()).filter(|b| b.spec.stick.is_some()).collect();
+        if sticky.is_empty() {
+            peers.clear();
+            links.wants_whole.lock().expect("stick links lock").clear();
+            if runtime.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tick.tick().await;
+        let members: HashMap<u64, String> =
+            cluster.applied().state.nodes.values().filter(|n| n.id != me).map(|n| (n.id, n.addr.clone())).collect();
+        // A member that left, or moved to another address, is let go.
+        peers.retain(|id, peer| members.get(id) == Some(&peer.addr));
+        for (id, addr) in members {
+            peers.entry(id).or_insert_with(|| Peer::start(me, addr, runtime.clone()));
+        }
+        *links.wants_whole.lock().expect("stick links lock") = peers.iter().map(|(id, p)| (*id, p.wake.clone())).collect();
+        let now = Instant::now();
+        let news: Vec<StickEntry> = sticky.iter().flat_map(|b| entries(b, b.stick_news(), now)).collect();
+        if news.is_empty() {
+            continue;
+        }
+        let batch = Arc::new(news);
+        for peer in peers.values() {
+            if peer.wake.batches.try_send(batch.clone()).is_err() {
+                peer.wake.whole.store(true, Relaxed);
+            }
+        }
+    }
+}
+
+/// The link to one member: a task that sends it the batches in order.
+struct Peer {
+    addr: String,
+    wake: Wake,
+    task: JoinHandle<()>,
+}
+
+impl Peer {
+    fn start(me: u64, addr: String, runtime: RuntimeWatch) -> Peer {
+        let (batches, queued) = mpsc::channel(QUEUED);
+        let wake = Wake { whole: Arc::new(AtomicBool::new(false)), batches };
+        let task = tokio::spawn(link(me, addr.clone(), runtime, queued, wake.whole.clone()));
+        Peer { addr, wake, task }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn link(me: u64, addr: String, runtime: RuntimeWatch, mut queued: mpsc::Receiver<Arc<Vec<StickEntry>>>, whole: Arc<AtomicBool>) {
+    let mut client = None;
+    // Until a first call went through, this node may lack the member's entries.
+    let mut missed = true;
+    loop {
+        if missed || whole.swap(false, Relaxed) {
+            // The whole table covers what is queued.
+            while queued.try_recv().is_ok() {}
+            let table = whole_table(&runtime);
+            let mut chunks: Vec<&[StickEntry]> = table.chunks(CHUNK).collect();
+            if chunks.is_empty() && missed {
+                // Nothing to send, but the member's table to ask for.
+                chunks.push(&[]);
+            }
+            let mut sent = Ok(());
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                sent = send(&mut client, &addr, StickSyncRequest { from: me, entries: chunk.to_vec(), send_whole: missed && i == 0 }).await;
+                if sent.is_err() {
+                    break;
+                }
+            }
+            match sent {
+                Ok(()) => missed = false,
+                Err(e) => {
+                    tracing::debug!(peer = %addr, error = %e, "cannot send the stick table; trying again");
+                    missed = true;
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            }
+        }
+        let Some(batch) = queued.recv().await else { return };
+        if batch.is_empty() {
+            continue;
+        }
+        let request = StickSyncRequest { from: me, entries: batch.as_ref().clone(), send_whole: false };
+        if let Err(e) = send(&mut client, &addr, request).await {
+            tracing::debug!(peer = %addr, error = %e, "cannot send stick entries; the whole table next");
+            missed = true;
+        }
+    }
+}
+
+/// One call, on the member's connection (opened again after a failure).
+async fn send(client: &mut Option<AdminClient<Channel>>, addr: &str, request: StickSyncRequest) -> Result<(), String> {
+    let mut c = match client.take() {
+        Some(c) => c,
+        None => crate::admin::connect(addr).await.map_err(|e| e.to_string())?,
+    };
+    let reply = tokio::time::timeout(SEND_TIMEOUT, c.stick_sync(request)).await.map_err(|_| "no answer in time".to_owned())?;
+    reply.map_err(|s| s.message().to_owned())?;
+    *client = Some(c);
+    Ok(())
+}
+
+fn entries(b: &BackendRt, list: Vec<(IpAddr, String, Instant)>, now: Instant) -> Vec<StickEntry> {
+    list.into_iter()
+        .filter(|(_, _, until)| *until > now)
+        .map(|(client, server, until)| StickEntry {
+            backend: b.spec.name.clone(),
+            client: client.to_string(),
+            server,
+            expires_in_ms: until.duration_since(now).as_millis() as u64,
+        })
+        .collect()
+}
+
+/// This node's whole table: every backend with stickiness, unexpired entries.
+pub fn whole_table(runtime: &RuntimeWatch) -> Vec<StickEntry> {
+    let Some(rt) = runtime.borrow().clone() else { return Vec::new() };
+    let now = Instant::now();
+    rt.backends.values().filter(|b| b.spec.stick.is_some()).flat_map(|b| entries(b, b.stick_entries(), now)).collect()
+}
+
+/// Takes in another node's entries; all or nothing when one is malformed.
+pub fn learn(runtime: &RuntimeWatch, entries: Vec<StickEntry>) -> Result<(), Status> {
+    let mut parsed = Vec::with_capacity(entries.len());
+    for e in entries {
+        let client: IpAddr = e.client.parse().map_err(|_| {
+            Status::invalid_argument(format!("stick entry of backend {:?}: {:?} is not an IP address", e.backend, e.client))
+        })?;
+        parsed.push((e.backend, client, e.server, e.expires_in_ms));
+    }
+    let Some(rt) = runtime.borrow().clone() else { return Ok(()) };
+    let now = Instant::now();
+    for (backend, client, server, ms) in parsed {
+        let Some(b) = rt.backends.get(&backend) else { continue };
+        let Some(stick) = &b.spec.stick else { continue };
+        // Never longer than this node's own `expire`.
+        let left = Duration::from_millis(ms).min(stick.expire.get());
+        b.learn(client, server, now + left);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use raftlb_proto::spec::Spec;
+
+    use super::*;
+    use crate::dataplane::runtime::{BindRewrite, Shared};
+
+    #[test]
+    fn a_malformed_entry_is_refused_with_the_others_and_named() {
+        let yaml =
+            "backends:\n  - name: b\n    stick: { on: src, expire: 10s }\n    servers:\n      - { name: a, address: \"127.0.0.1:1\" }\n";
+        let rt = Shared::default().compile(&Spec::from_yaml(yaml).unwrap(), &BindRewrite::new());
+        let (_spec, runtime) = tokio::sync::watch::channel(Some(Arc::new(rt)));
+        let good = StickEntry { backend: "b".into(), client: "192.0.2.7".into(), server: "a".into(), expires_in_ms: 60_000 };
+        let bad = StickEntry { client: "192.0.2.x".into(), ..good.clone() };
+        let refused = learn(&runtime, vec![good.clone(), bad]).unwrap_err();
+        assert!(refused.message().contains("\"192.0.2.x\" is not an IP address"), "{refused:?}");
+        assert!(whole_table(&runtime).is_empty(), "nothing taken");
+        // A backend this node does not have is left out; the expiry is at most this node's `expire`.
+        let elsewhere = StickEntry { backend: "other".into(), ..good.clone() };
+        learn(&runtime, vec![good, elsewhere]).unwrap();
+        let table = whole_table(&runtime);
+        assert_eq!(table.len(), 1, "{table:?}");
+        assert_eq!((table[0].backend.as_str(), table[0].client.as_str(), table[0].server.as_str()), ("b", "192.0.2.7", "a"));
+        assert!(table[0].expires_in_ms <= 10_000, "{table:?}");
+    }
+}
