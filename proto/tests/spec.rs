@@ -108,6 +108,8 @@ fn bad_values_name_their_field() {
         ),
         ("backends:\n  - name: b\n    health_check: { type: tcp, rise: 0 }\n", "backends[0].health_check.rise: 0 is not a count"),
         ("backends:\n  - name: \"a b\"\n", "backends[0].name: \"a b\" is not a valid name"),
+        ("backends:\n  - name: b\n    stick: { on: src, expire: 0s }\n", "backends[0].stick.expire: \"0s\" would forget every client"),
+        ("backends:\n  - name: b\n    stick: { on: src, expire: 1m, size: 0 }\n", "backends[0].stick.size: 0 would keep no client"),
         (
             "frontends:\n  - name: f\n    bind: [\"127.0.0.1:80\"]\n    mode: http\n    request_headers: { set: { X-A: \"a\\r\\nX-B: b\" } }\n",
             "frontends[0].request_headers.set.X-A: \"a\\r\\nX-B: b\" holds a control character",

@@ -4,7 +4,7 @@
 //! counters, maxconn slots) lives in [`Shared`] and is found again by name,
 //! so a new version takes over without losing track of the traffic in flight.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
@@ -141,6 +141,10 @@ pub struct BackendShared {
 #[derive(Default)]
 struct StickTable {
     entries: HashMap<IpAddr, Stuck>,
+    /// Each entry's client by the expiry the entry had when it was made
+    /// (or last put back in order), never later than its expiry now: the
+    /// first is the first to check for expired entries or to make room.
+    order: BTreeSet<(Instant, IpAddr)>,
     /// Entries made or refreshed here since the other nodes were last told.
     news: Vec<(IpAddr, String, Instant)>,
 }
@@ -152,8 +156,32 @@ struct Stuck {
     told: Instant,
 }
 
-/// Entries kept per backend; past it, the expired ones are dropped.
-const STICK_ENTRIES: usize = 100_000;
+/// New entries kept for the other nodes between two sends.
+const NEWS_LIMIT: usize = 100_000;
+
+impl StickTable {
+    /// A new client's entry, with room made for it: expired entries go,
+    /// and while the table holds `size`, the entry that expires first. An
+    /// entry refreshed since it was put in order is put back by its new
+    /// expiry instead: a request refreshes an entry without reordering.
+    fn add(&mut self, src: IpAddr, stuck: Stuck, size: usize, now: Instant) {
+        while let Some(&(queued, ip)) = self.order.first() {
+            let until = self.entries.get(&ip).map_or(queued, |s| s.until);
+            let full = self.entries.len() >= size;
+            if queued > now && !full {
+                break;
+            }
+            self.order.pop_first();
+            if until > now && until != queued {
+                self.order.insert((until, ip));
+            } else {
+                self.entries.remove(&ip);
+            }
+        }
+        self.order.insert((stuck.until, src));
+        self.entries.insert(src, stuck);
+    }
+}
 
 /// The state that outlives spec versions, found again by name.
 #[derive(Default)]
@@ -526,9 +554,6 @@ impl BackendRt {
         let expire = stick.expire.get();
         let mut table = self.shared.stick.lock().expect("stick table lock");
         let now = Instant::now();
-        if table.entries.len() > STICK_ENTRIES {
-            table.entries.retain(|_, s| s.until > now);
-        }
         let (server, until) = (&self.servers[index].spec.name, now + expire);
         // The others hear of a new entry, a new server, and a refresh that
         // moved the expiry by more than a quarter of `expire`: not of every request.
@@ -541,32 +566,30 @@ impl BackendRt {
                 }
                 tell
             }
-            _ => {
-                table.entries.insert(src, Stuck { server: server.clone(), until, told: until });
+            Some(s) => {
+                *s = Stuck { server: server.clone(), until, told: until };
+                true
+            }
+            None => {
+                table.add(src, Stuck { server: server.clone(), until, told: until }, stick.size() as usize, now);
                 true
             }
         };
-        if tell && table.news.len() < STICK_ENTRIES {
+        if tell && table.news.len() < NEWS_LIMIT {
             table.news.push((src, server.clone(), until));
         }
     }
 
     /// An entry another node made: kept unless this node has a later one.
     pub fn learn(&self, src: IpAddr, server: String, until: Instant) {
-        if self.spec.stick.is_none() {
-            return;
-        }
+        let Some(stick) = &self.spec.stick else { return };
         let mut table = self.shared.stick.lock().expect("stick table lock");
-        let now = Instant::now();
-        if table.entries.len() > STICK_ENTRIES {
-            table.entries.retain(|_, s| s.until > now);
-        }
+        // Known to the others already: not told again.
+        let learned = Stuck { server, until, told: until };
         match table.entries.get_mut(&src) {
             Some(s) if s.until >= until => {}
-            // Known to the others already: not told again.
-            _ => {
-                table.entries.insert(src, Stuck { server, until, told: until });
-            }
+            Some(s) => *s = learned,
+            None => table.add(src, learned, stick.size() as usize, Instant::now()),
         }
     }
 
@@ -845,6 +868,43 @@ mod tests {
         let second = pick(&be, None).await.unwrap();
         assert_ne!(second, first);
         assert_eq!(pick(&be, None).await.unwrap(), second);
+    }
+
+    #[tokio::test]
+    async fn a_full_stick_table_makes_room_by_dropping_the_entry_that_expires_first() {
+        let spec = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n";
+        let yaml = format!(
+            "backends:\n  - name: b\n    balance: roundrobin\n    stick: {{ on: src, expire: 10s, size: 2 }}\n    servers:\n{spec}"
+        );
+        let rt = Shared::default().compile(&Spec::from_yaml(&yaml).unwrap(), &BindRewrite::new());
+        let be = rt.backends["b"].clone();
+        let client = |n: u8| IpAddr::from([192, 0, 2, n]);
+        let pick_for = |n: u8| {
+            let be = be.clone();
+            async move { be.lease(client(n), None, &[], NO_QUEUE).await.map(|(i, _)| be.servers[i].spec.name.clone()).unwrap() }
+        };
+        let clients = |be: &BackendRt| {
+            let mut c: Vec<IpAddr> = be.stick_entries().into_iter().map(|(ip, _, _)| ip).collect();
+            c.sort();
+            c
+        };
+        pick_for(1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pick_for(2).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Client 1 came back: its entry now expires last, and client 2's goes for client 3.
+        pick_for(1).await;
+        pick_for(3).await;
+        assert_eq!(clients(&be), [client(1), client(3)]);
+        // A learned entry takes its place the same way.
+        be.learn(client(4), "a".into(), Instant::now() + Duration::from_secs(10));
+        assert_eq!(clients(&be), [client(3), client(4)]);
+        // An expired entry leaves first, whatever the size.
+        be.learn(client(5), "a".into(), Instant::now() + Duration::from_millis(30));
+        assert_eq!(clients(&be), [client(4), client(5)]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        be.learn(client(6), "a".into(), Instant::now() + Duration::from_secs(1));
+        assert_eq!(clients(&be), [client(4), client(6)], "client 5's entry had expired; client 4's stays");
     }
 
     #[tokio::test]

@@ -238,6 +238,18 @@ pub enum StickOn {
 pub struct Stick {
     pub on: StickOn,
     pub expire: Duration,
+    /// How many clients the table keeps (default [`Stick::DEFAULT_SIZE`]);
+    /// when it is full, the entry that expires first makes room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Count>,
+}
+
+impl Stick {
+    pub const DEFAULT_SIZE: u64 = 200_000;
+
+    pub fn size(&self) -> u64 {
+        self.size.map_or(Self::DEFAULT_SIZE, |c| c.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

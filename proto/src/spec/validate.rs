@@ -295,6 +295,9 @@ fn check_backend(f: &mut Findings, path: &str, be: &Backend) {
         if stick.expire.is_zero() {
             f.add(format!("{path}.stick.expire"), "\"0s\" would forget every client at once: give a duration above zero");
         }
+        if stick.size.is_some_and(|c| c.0 == 0) {
+            f.add(format!("{path}.stick.size"), "0 would keep no client: give 1 or more (default 200k)");
+        }
     }
     if let Some(cookie) = &be.cookie {
         let ok = !cookie.name.is_empty() && cookie.name.chars().all(|c| c.is_ascii_graphic() && !"()<>@,;:\\\"/[]?={}".contains(c));
