@@ -65,6 +65,11 @@ fn answer(req: &Request<Incoming>, cluster: &Cluster, shared: &Shared) -> Respon
         }
         (&Method::GET, "/stats") => {
             let mut body = shared.stats.snapshot();
+            for (backend, clients) in shared.stick_entries() {
+                if let Some(b) = body["backends"].get_mut(&backend) {
+                    b["stick_entries"] = clients.into();
+                }
+            }
             body["config_version"] = cluster.status().config_version.into();
             reply(StatusCode::OK, format!("{body}\n"))
         }

@@ -366,6 +366,8 @@ fn the_stick_table_is_shared_so_a_client_keeps_its_server_on_every_node() {
     });
     assert_eq!(ask(&c, 1, "127.0.0.13").unwrap(), "a", "a new client goes to a");
     assert_eq!(ask(&c, 1, on_b).unwrap(), "b", "node 2 knows node 1's entry");
+    let stats = c.nodes[1].stats();
+    assert_eq!(stats["backends"]["app"]["stick_entries"], 4, "three learned, one its own: {stats}");
     // Node 3 back: it exchanges whole tables with the others as it starts.
     c.node(3).start();
     wait_for(Duration::from_secs(10), "node 3 to serve the new spec", || {

@@ -203,6 +203,20 @@ impl Shared {
         Shared { workers, source, ..Default::default() }
     }
 
+    /// Each backend's count of clients in its stick table (unexpired entries).
+    pub fn stick_entries(&self) -> Vec<(String, usize)> {
+        let backends: Vec<(String, Arc<BackendShared>)> =
+            self.backends.lock().expect("backend table lock").iter().map(|(name, b)| (name.clone(), b.clone())).collect();
+        let now = Instant::now();
+        backends
+            .into_iter()
+            .map(|(name, b)| {
+                let table = b.stick.lock().expect("stick table lock");
+                (name, table.entries.values().filter(|s| s.until > now).count())
+            })
+            .collect()
+    }
+
     fn slots(&self, key: &str, n: u64) -> Arc<Slots> {
         self.slots.lock().expect("slots lock").entry((key.to_owned(), n)).or_insert_with(|| Arc::new(Slots::new(n))).clone()
     }
