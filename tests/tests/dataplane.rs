@@ -650,7 +650,11 @@ fn an_oversized_head_gets_431_garbage_400_and_a_body_that_cannot_go_on_400_or_42
     assert_eq!(after.status, 400);
     page(&after, "400");
     assert_eq!(a.hits(), hits + 1, "nothing malformed reached the server");
-    let stats = c.nodes[0].stats();
+    // A connection's error is counted as it ends, just after its page went out.
+    let stats = wait_for(Duration::from_secs(2), "the connections to end", || {
+        let stats = c.nodes[0].stats();
+        (stats["frontends"]["web"]["sessions_current"] == 0).then_some(stats)
+    });
     assert_eq!(stats["frontends"]["web"]["responses"]["4xx"], 4, "each answer counted: {stats}");
     assert_eq!(stats["frontends"]["web"]["errors"], 4, "{stats}");
     // A malformed chunk in a request body is the client's error, not the server's.
