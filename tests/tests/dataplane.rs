@@ -357,8 +357,9 @@ fn the_stick_table_is_shared_so_a_client_keeps_its_server_on_every_node() {
     let (first, second) = (ask(&c, 0, "127.0.0.11").unwrap(), ask(&c, 0, "127.0.0.12").unwrap());
     assert_ne!(first, second, "round robin gives the two clients a server each");
     let on_b = if first == "b" { "127.0.0.11" } else { "127.0.0.12" };
+    let entries = |c: &Cluster, node: usize| c.nodes[node].stats()["backends"]["app"]["stick_entries"].as_u64();
     // Nodes send their new entries every 100 ms.
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for(Duration::from_secs(5), "node 2 to learn node 1's three entries", || (entries(&c, 1) == Some(3)).then_some(()));
     // Server b takes no new sessions from now on: only a stick entry leads a client to it.
     let drained = apply_spec(&c, 1, "stick-drained.yaml", &spec(", weight: 0"));
     wait_for(Duration::from_secs(5), "node 2 to have the new spec", || {
@@ -366,15 +367,14 @@ fn the_stick_table_is_shared_so_a_client_keeps_its_server_on_every_node() {
     });
     assert_eq!(ask(&c, 1, "127.0.0.13").unwrap(), "a", "a new client goes to a");
     assert_eq!(ask(&c, 1, on_b).unwrap(), "b", "node 2 knows node 1's entry");
-    let stats = c.nodes[1].stats();
-    assert_eq!(stats["backends"]["app"]["stick_entries"], 4, "three learned, one its own: {stats}");
+    assert_eq!(entries(&c, 1), Some(4), "three learned, one its own");
     // Node 3 back: it exchanges whole tables with the others as it starts.
     c.node(3).start();
     wait_for(Duration::from_secs(10), "node 3 to serve the new spec", || {
         // Its monitor answers once it serves.
         (ask(&c, 2, "127.0.0.14").is_ok() && c.nodes[2].stats()["config_version"].as_u64() == Some(drained)).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for(Duration::from_secs(5), "node 3 to learn the others' four entries", || (entries(&c, 2) == Some(5)).then_some(()));
     assert_eq!(ask(&c, 2, on_b).unwrap(), "b", "node 3 learned the entry when it came back");
 }
 
