@@ -33,27 +33,20 @@ const QUEUED: usize = 64;
 /// Entries per call, so a large table stays well under gRPC's message limit.
 const CHUNK: usize = 10_000;
 
-/// The links to the other members, for the admin API to reach: a member
-/// that asks for the whole table gets it by its link.
+/// The links to the other members, one task each; the admin API reaches
+/// them too: a member that asks for the whole table gets it by its link.
 #[derive(Default)]
 pub struct Links {
-    wants_whole: Mutex<HashMap<u64, Wake>>,
-}
-
-/// How the admin API has a link send the whole table.
-#[derive(Clone)]
-struct Wake {
-    whole: Arc<AtomicBool>,
-    batches: mpsc::Sender<Arc<Vec<StickEntry>>>,
+    peers: Mutex<HashMap<u64, Peer>>,
 }
 
 impl Links {
     /// Member `from` asked for this node's whole table.
     pub fn send_whole_to(&self, from: u64) {
-        if let Some(wake) = self.wants_whole.lock().expect("stick links lock").get(&from) {
-            wake.whole.store(true, Relaxed);
+        if let Some(peer) = self.peers.lock().expect("stick links lock").get(&from) {
+            peer.whole.store(true, Relaxed);
             // Wakes the link if it waits for a batch.
-            let _ = wake.batches.try_send(Arc::new(Vec::new()));
+            let _ = peer.batches.try_send(Arc::new(Vec::new()));
         }
     }
 }
@@ -62,15 +55,13 @@ impl Links {
 /// Without a backend that sticks, it only waits for the next spec.
 pub async fn run(cluster: Cluster, mut runtime: RuntimeWatch, links: Arc<Links>) {
     let me = cluster.id();
-    let mut peers: HashMap<u64, Peer> = HashMap::new();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let rt = runtime.borrow_and_update().clone();
         let sticky: Vec<&Arc<BackendRt>> = rt.iter().flat_map(|rt| rt.backends.values()).filter(|b| b.spec.stick.is_some()).collect();
         if sticky.is_empty() {
-            peers.clear();
-            links.wants_whole.lock().expect("stick links lock").clear();
+            links.peers.lock().expect("stick links lock").clear();
             if runtime.changed().await.is_err() {
                 return;
             }
@@ -79,21 +70,21 @@ pub async fn run(cluster: Cluster, mut runtime: RuntimeWatch, links: Arc<Links>)
         tick.tick().await;
         let members: HashMap<u64, String> =
             cluster.applied().state.nodes.values().filter(|n| n.id != me).map(|n| (n.id, n.addr.clone())).collect();
+        let now = Instant::now();
+        let news: Vec<StickEntry> = sticky.iter().flat_map(|b| entries(b, b.stick_news(), now)).collect();
+        let mut peers = links.peers.lock().expect("stick links lock");
         // A member that left, or moved to another address, is let go.
         peers.retain(|id, peer| members.get(id) == Some(&peer.addr));
         for (id, addr) in members {
             peers.entry(id).or_insert_with(|| Peer::start(me, addr, runtime.clone()));
         }
-        *links.wants_whole.lock().expect("stick links lock") = peers.iter().map(|(id, p)| (*id, p.wake.clone())).collect();
-        let now = Instant::now();
-        let news: Vec<StickEntry> = sticky.iter().flat_map(|b| entries(b, b.stick_news(), now)).collect();
         if news.is_empty() {
             continue;
         }
         let batch = Arc::new(news);
         for peer in peers.values() {
-            if peer.wake.batches.try_send(batch.clone()).is_err() {
-                peer.wake.whole.store(true, Relaxed);
+            if peer.batches.try_send(batch.clone()).is_err() {
+                peer.whole.store(true, Relaxed);
             }
         }
     }
@@ -102,16 +93,18 @@ pub async fn run(cluster: Cluster, mut runtime: RuntimeWatch, links: Arc<Links>)
 /// The link to one member: a task that sends it the batches in order.
 struct Peer {
     addr: String,
-    wake: Wake,
+    /// The next send is the whole table (a batch was dropped, or the member asked).
+    whole: Arc<AtomicBool>,
+    batches: mpsc::Sender<Arc<Vec<StickEntry>>>,
     task: JoinHandle<()>,
 }
 
 impl Peer {
     fn start(me: u64, addr: String, runtime: RuntimeWatch) -> Peer {
         let (batches, queued) = mpsc::channel(QUEUED);
-        let wake = Wake { whole: Arc::new(AtomicBool::new(false)), batches };
-        let task = tokio::spawn(link(me, addr.clone(), runtime, queued, wake.whole.clone()));
-        Peer { addr, wake, task }
+        let whole = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(link(me, addr.clone(), runtime, queued, whole.clone()));
+        Peer { addr, whole, batches, task }
     }
 }
 
