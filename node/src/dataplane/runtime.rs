@@ -160,6 +160,11 @@ struct Stuck {
 const NEWS_LIMIT: usize = 100_000;
 
 impl StickTable {
+    /// The entries that have not expired.
+    fn live(&self, now: Instant) -> impl Iterator<Item = (&IpAddr, &Stuck)> {
+        self.entries.iter().filter(move |(_, s)| s.until > now)
+    }
+
     /// A new client's entry, with room made for it: expired entries go,
     /// and while the table holds `size`, the entry that expires first. An
     /// entry refreshed since it was put in order is put back by its new
@@ -212,7 +217,7 @@ impl Shared {
             .into_iter()
             .map(|(name, b)| {
                 let table = b.stick.lock().expect("stick table lock");
-                (name, table.entries.values().filter(|s| s.until > now).count())
+                (name, table.live(now).count())
             })
             .collect()
     }
@@ -616,7 +621,7 @@ impl BackendRt {
     pub fn stick_entries(&self) -> Vec<(IpAddr, String, Instant)> {
         let table = self.shared.stick.lock().expect("stick table lock");
         let now = Instant::now();
-        table.entries.iter().filter(|(_, s)| s.until > now).map(|(ip, s)| (*ip, s.server.clone(), s.until)).collect()
+        table.live(now).map(|(ip, s)| (*ip, s.server.clone(), s.until)).collect()
     }
 }
 
