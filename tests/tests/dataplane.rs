@@ -36,6 +36,15 @@ fn serve_one(c: &Cluster, file: &str) -> (TestServer, SocketAddr) {
     (a, bind)
 }
 
+/// One node serving one `raw_http_server` through a frontend; `backend_extra`
+/// goes into its backend. The server, and where this node serves the frontend.
+fn serve_raw(c: &Cluster, backend_extra: &str) -> (TestServer, SocketAddr) {
+    let raw = raw_http_server("raw", "127.0.0.1:0");
+    let bind = front();
+    apply_spec(c, 1, "raw.yaml", &http_spec(bind, backend_extra, &servers_yaml(&[(&raw, "")])));
+    (raw, c.nodes[0].frontend(bind))
+}
+
 fn http_spec(bind: SocketAddr, backend_extra: &str, servers: &str) -> String {
     format!(
         "defaults:\n  timeouts: {{ connect: 500ms, server: 1s, http_request: 1s, queue: 1s }}\n  retries: 2\nfrontends:\n  - name: web\n    bind: [\"{bind}\"]\n    mode: http\n    default_backend: app\nbackends:\n  - name: app\n{backend_extra}    servers:\n{servers}"
@@ -299,10 +308,7 @@ fn an_invalid_server_response_gives_502_and_no_server_gives_503() {
 #[test]
 fn server_responses_that_do_not_parse_get_502_and_a_repeated_length_goes_on_as_one() {
     let c = Cluster::formed(1);
-    let raw = raw_http_server("raw", "127.0.0.1:0");
-    let bind = front();
-    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, "", &servers_yaml(&[(&raw, "")])));
-    let at = c.nodes[0].frontend(bind);
+    let (_raw, at) = serve_raw(&c, "");
     let reply = wait_for(Duration::from_secs(5), "the frontend to answer", || get(at, "/good", &[]).ok());
     assert_eq!(reply.status, 200, "{reply:?}");
     assert!(reply.body.contains("5\r\nhello\r\n0\r\n"), "the first chunk, read with the head, goes on: {reply:?}");
@@ -327,10 +333,7 @@ fn server_responses_that_do_not_parse_get_502_and_a_repeated_length_goes_on_as_o
 #[test]
 fn a_server_body_that_reads_as_an_error_answer_reaches_the_client_unchanged() {
     let c = Cluster::formed(1);
-    let raw = raw_http_server("raw", "127.0.0.1:0");
-    let bind = front();
-    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, "", &servers_yaml(&[(&raw, "")])));
-    let at = c.nodes[0].frontend(bind);
+    let (_raw, at) = serve_raw(&c, "");
     // Its last part, written on its own, has the form of the HTTP library's
     // own answer to a malformed request, which the proxy replaces by a page:
     // a response's own bytes are never taken for one.
@@ -381,11 +384,7 @@ fn the_stick_table_is_shared_so_a_client_keeps_its_server_on_every_node() {
 #[test]
 fn cookie_insert_replaces_the_servers_own_cookie_and_keeps_its_cache_directives() {
     let c = Cluster::formed(1);
-    let raw = raw_http_server("raw", "127.0.0.1:0");
-    let bind = front();
-    let cookie = "    cookie: { name: SRV, mode: insert, nocache: true }\n";
-    apply_spec(&c, 1, "raw.yaml", &http_spec(bind, cookie, &servers_yaml(&[(&raw, "")])));
-    let at = c.nodes[0].frontend(bind);
+    let (_raw, at) = serve_raw(&c, "    cookie: { name: SRV, mode: insert, nocache: true }\n");
     let all = |reply: &client::Reply, name: &str| -> Vec<String> {
         reply.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
     };
