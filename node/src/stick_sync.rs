@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::dataplane::runtime::{BackendRt, RuntimeWatch};
+use crate::dataplane::runtime::{BackendRt, RuntimeWatch, StickCursor};
 
 /// How often a node sends its new entries.
 pub const EVERY: Duration = Duration::from_millis(100);
@@ -32,6 +32,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 const QUEUED: usize = 64;
 /// Entries per call, so a large table stays well under gRPC's message limit.
 const CHUNK: usize = 10_000;
+/// Entries read from a stick table at once: requests of its backend wait
+/// for that read (about half a millisecond for this many).
+const READ: usize = 1_000;
 
 /// The links to the other members, one task each; the admin API reaches
 /// them too: a member that asks for the whole table gets it by its link.
@@ -120,21 +123,35 @@ async fn link(me: u64, addr: String, runtime: RuntimeWatch, mut queued: mpsc::Re
     let mut missed = true;
     loop {
         if missed || whole.swap(false, Relaxed) {
-            // The whole table covers what is queued.
-            while queued.try_recv().is_ok() {}
-            let table = whole_table(&runtime);
-            let mut chunks: Vec<&[StickEntry]> = table.chunks(CHUNK).collect();
-            if chunks.is_empty() && missed {
-                // Nothing to send, but the member's table to ask for.
-                chunks.push(&[]);
-            }
-            let mut sent = Ok(());
-            for (i, chunk) in chunks.into_iter().enumerate() {
-                sent = send(&mut client, &addr, StickSyncRequest { from: me, entries: chunk.to_vec(), send_whole: missed && i == 0 }).await;
-                if sent.is_err() {
-                    break;
+            // Reach the member before reading the table: a member that is
+            // down for long costs no copy of the table every RETRY.
+            if client.is_none() {
+                match crate::admin::connect(&addr).await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        tracing::debug!(peer = %addr, error = %e, "cannot reach the member for its stick table; trying again");
+                        missed = true;
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
                 }
             }
+            // The whole table covers what is queued.
+            while queued.try_recv().is_ok() {}
+            let mut table = WholeTable::new(&runtime);
+            let mut first = true;
+            let sent = loop {
+                let entries = table.next_chunk(CHUNK);
+                // An empty table is still sent to ask for the member's.
+                if entries.is_empty() && !(first && missed) {
+                    break Ok(());
+                }
+                let request = StickSyncRequest { from: me, entries, send_whole: missed && first };
+                if let Err(e) = send(&mut client, &addr, request).await {
+                    break Err(e);
+                }
+                first = false;
+            };
             match sent {
                 Ok(()) => missed = false,
                 Err(e) => {
@@ -181,11 +198,35 @@ fn entries(b: &BackendRt, list: Vec<(IpAddr, String, Instant)>, now: Instant) ->
         .collect()
 }
 
-/// This node's whole table: every backend with stickiness, unexpired entries.
-pub fn whole_table(runtime: &RuntimeWatch) -> Vec<StickEntry> {
-    let Some(rt) = runtime.borrow().clone() else { return Vec::new() };
-    let now = Instant::now();
-    rt.backends.values().filter(|b| b.spec.stick.is_some()).flat_map(|b| entries(b, b.stick_entries(), now)).collect()
+/// This node's whole table (every backend with stickiness, unexpired
+/// entries), read a chunk at a time as it is sent: requests wait for one
+/// chunk's copy at most, and the table is never copied whole.
+struct WholeTable {
+    backends: Vec<Arc<BackendRt>>,
+    from: Option<StickCursor>,
+}
+
+impl WholeTable {
+    fn new(runtime: &RuntimeWatch) -> WholeTable {
+        let rt = runtime.borrow().clone();
+        let backends = rt.iter().flat_map(|rt| rt.backends.values()).filter(|b| b.spec.stick.is_some()).cloned().collect();
+        WholeTable { backends, from: None }
+    }
+
+    /// The next entries, at most `n`; none at the end.
+    fn next_chunk(&mut self, n: usize) -> Vec<StickEntry> {
+        let mut chunk = Vec::new();
+        while chunk.len() < n {
+            let Some(b) = self.backends.last().cloned() else { break };
+            let (list, next) = b.stick_chunk(self.from, READ.min(n - chunk.len()));
+            self.from = next;
+            if next.is_none() {
+                self.backends.pop();
+            }
+            chunk.extend(entries(&b, list, Instant::now()));
+        }
+        chunk
+    }
 }
 
 /// Takes in another node's entries; all or nothing when one is malformed.
@@ -216,6 +257,53 @@ mod tests {
     use super::*;
     use crate::dataplane::runtime::{BindRewrite, Shared};
 
+    /// The whole table as a link sends it, `n` entries a call.
+    fn whole_table(runtime: &RuntimeWatch, n: usize) -> Vec<StickEntry> {
+        let mut table = WholeTable::new(runtime);
+        let mut all = Vec::new();
+        loop {
+            let chunk = table.next_chunk(n);
+            assert!(chunk.len() <= n, "{} entries in a chunk of {n}", chunk.len());
+            if chunk.is_empty() {
+                return all;
+            }
+            all.extend(chunk);
+        }
+    }
+
+    #[test]
+    fn the_whole_table_is_read_a_chunk_at_a_time_with_each_entry_once() {
+        let backend =
+            |name: &str, stick: &str| format!("  - name: {name}\n{stick}    servers:\n      - {{ name: a, address: \"127.0.0.1:1\" }}\n");
+        let yaml = format!(
+            "backends:\n{}{}{}",
+            backend("one", "    stick: { on: src, expire: 10s }\n"),
+            backend("two", "    stick: { on: src, expire: 10s }\n"),
+            backend("plain", "")
+        );
+        let rt = Shared::default().compile(&Spec::from_yaml(&yaml).unwrap(), &BindRewrite::new());
+        let (_spec, runtime) = tokio::sync::watch::channel(Some(Arc::new(rt)));
+        let entry = |backend: &str, client: u8, expires_in_ms: u64| StickEntry {
+            backend: backend.into(),
+            client: format!("192.0.2.{client}"),
+            server: "a".into(),
+            expires_in_ms,
+        };
+        // Client 9's entry has expired: it comes first in the table's order and is left out.
+        let mut made = vec![entry("one", 9, 0)];
+        made.extend((1..=5).map(|c| entry("one", c, 1_000 * u64::from(c))));
+        made.extend((6..=7).map(|c| entry("two", c, 5_000)));
+        learn(&runtime, made).unwrap();
+        let expected: Vec<(String, String)> = [("one", 1), ("one", 2), ("one", 3), ("one", 4), ("one", 5), ("two", 6), ("two", 7)]
+            .map(|(b, c)| (b.to_owned(), format!("192.0.2.{c}")))
+            .to_vec();
+        for n in [1, 2, 3, CHUNK] {
+            let mut read: Vec<(String, String)> = whole_table(&runtime, n).into_iter().map(|e| (e.backend, e.client)).collect();
+            read.sort();
+            assert_eq!(read, expected, "read {n} at a time");
+        }
+    }
+
     #[test]
     fn a_malformed_entry_is_refused_with_the_others_and_named() {
         let yaml =
@@ -226,11 +314,11 @@ mod tests {
         let bad = StickEntry { client: "192.0.2.x".into(), ..good.clone() };
         let refused = learn(&runtime, vec![good.clone(), bad]).unwrap_err();
         assert!(refused.message().contains("\"192.0.2.x\" is not an IP address"), "{refused:?}");
-        assert!(whole_table(&runtime).is_empty(), "nothing taken");
+        assert!(whole_table(&runtime, CHUNK).is_empty(), "nothing taken");
         // A backend this node does not have is left out; the expiry is at most this node's `expire`.
         let elsewhere = StickEntry { backend: "other".into(), ..good.clone() };
         learn(&runtime, vec![good, elsewhere]).unwrap();
-        let table = whole_table(&runtime);
+        let table = whole_table(&runtime, CHUNK);
         assert_eq!(table.len(), 1, "{table:?}");
         assert_eq!((table[0].backend.as_str(), table[0].client.as_str(), table[0].server.as_str()), ("b", "192.0.2.7", "a"));
         assert!(table[0].expires_in_ms <= 10_000, "{table:?}");

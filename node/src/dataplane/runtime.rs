@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Bound;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, Mutex};
@@ -137,6 +138,10 @@ pub struct BackendShared {
     /// Source stickiness: client address -> server name, until the instant.
     stick: Mutex<StickTable>,
 }
+
+/// Where a read of a stick table stopped: the last entry's place in the
+/// table's order.
+pub type StickCursor = (Instant, IpAddr);
 
 #[derive(Default)]
 struct StickTable {
@@ -617,11 +622,29 @@ impl BackendRt {
         std::mem::take(&mut self.shared.stick.lock().expect("stick table lock").news)
     }
 
-    /// Every entry that has not expired.
-    pub fn stick_entries(&self) -> Vec<(IpAddr, String, Instant)> {
+    /// The unexpired entries among the next `n` after `from` in the table's
+    /// order (from its start without one), and where to go on from: `None`
+    /// at the end. Requests wait for the table while one call copies, so a
+    /// large table is read in several: 200,000 entries at once held it for
+    /// about 25 ms. An entry made or refreshed between two calls may be
+    /// read twice or not at all: the other nodes hear of it as news, from
+    /// this node or from the one that made it.
+    pub fn stick_chunk(&self, from: Option<StickCursor>, n: usize) -> (Vec<(IpAddr, String, Instant)>, Option<StickCursor>) {
+        let n = n.max(1);
         let table = self.shared.stick.lock().expect("stick table lock");
         let now = Instant::now();
-        table.live(now).map(|(ip, s)| (*ip, s.server.clone(), s.until)).collect()
+        let keys = match from {
+            Some(from) => table.order.range((Bound::Excluded(from), Bound::Unbounded)),
+            None => table.order.range(..),
+        };
+        let (mut chunk, mut read, mut last) = (Vec::new(), 0, None);
+        for &(queued, ip) in keys.take(n) {
+            (read, last) = (read + 1, Some((queued, ip)));
+            if let Some(s) = table.entries.get(&ip).filter(|s| s.until > now) {
+                chunk.push((ip, s.server.clone(), s.until));
+            }
+        }
+        (chunk, if read == n { last } else { None })
     }
 }
 
@@ -903,7 +926,7 @@ mod tests {
             async move { be.lease(client(n), None, &[], NO_QUEUE).await.map(|(i, _)| be.servers[i].spec.name.clone()).unwrap() }
         };
         let clients = |be: &BackendRt| {
-            let mut c: Vec<IpAddr> = be.stick_entries().into_iter().map(|(ip, _, _)| ip).collect();
+            let mut c: Vec<IpAddr> = be.stick_chunk(None, usize::MAX).0.into_iter().map(|(ip, _, _)| ip).collect();
             c.sort();
             c
         };
@@ -943,7 +966,7 @@ mod tests {
         let other: IpAddr = "192.0.2.7".parse().unwrap();
         be.learn(other, "b".into(), Instant::now() + Duration::from_secs(5));
         assert!(be.stick_news().is_empty());
-        assert!(be.stick_entries().iter().any(|(ip, server, _)| *ip == other && server == "b"));
+        assert!(be.stick_chunk(None, usize::MAX).0.iter().any(|(ip, server, _)| *ip == other && server == "b"));
         // One older than this node's own entry changes nothing.
         let second = if first == "a" { "b" } else { "a" };
         be.learn(CLIENT, second.into(), Instant::now() + Duration::from_secs(1));
