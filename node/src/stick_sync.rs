@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::dataplane::runtime::{BackendRt, RuntimeWatch, StickCursor};
+use crate::dataplane::runtime::{BackendRt, Runtime, RuntimeWatch, StickCursor};
 
 /// How often a node sends its new entries.
 pub const EVERY: Duration = Duration::from_millis(100);
@@ -62,7 +62,7 @@ pub async fn run(cluster: Cluster, mut runtime: RuntimeWatch, links: Arc<Links>)
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let rt = runtime.borrow_and_update().clone();
-        let sticky: Vec<&Arc<BackendRt>> = rt.iter().flat_map(|rt| rt.backends.values()).filter(|b| b.spec.stick.is_some()).collect();
+        let sticky: Vec<&Arc<BackendRt>> = sticky(&rt).collect();
         if sticky.is_empty() {
             links.peers.lock().expect("stick links lock").clear();
             if runtime.changed().await.is_err() {
@@ -125,16 +125,11 @@ async fn link(me: u64, addr: String, runtime: RuntimeWatch, mut queued: mpsc::Re
         if missed || whole.swap(false, Relaxed) {
             // Reach the member before reading the table: a member that is
             // down for long costs no copy of the table every RETRY.
-            if client.is_none() {
-                match crate::admin::connect(&addr).await {
-                    Ok(c) => client = Some(c),
-                    Err(e) => {
-                        tracing::debug!(peer = %addr, error = %e, "cannot reach the member for its stick table; trying again");
-                        missed = true;
-                        tokio::time::sleep(RETRY).await;
-                        continue;
-                    }
-                }
+            if let Err(e) = reach(&mut client, &addr).await {
+                tracing::debug!(peer = %addr, error = %e, "cannot reach the member for its stick table; trying again");
+                missed = true;
+                tokio::time::sleep(RETRY).await;
+                continue;
             }
             // The whole table covers what is queued.
             while queued.try_recv().is_ok() {}
@@ -174,16 +169,31 @@ async fn link(me: u64, addr: String, runtime: RuntimeWatch, mut queued: mpsc::Re
     }
 }
 
-/// One call, on the member's connection (opened again after a failure).
-async fn send(client: &mut Option<AdminClient<Channel>>, addr: &str, request: StickSyncRequest) -> Result<(), String> {
-    let mut c = match client.take() {
+/// The member's connection, opened when there is none.
+async fn reach<'a>(client: &'a mut Option<AdminClient<Channel>>, addr: &str) -> Result<&'a mut AdminClient<Channel>, String> {
+    let c = match client.take() {
         Some(c) => c,
         None => crate::admin::connect(addr).await.map_err(|e| e.to_string())?,
     };
-    let reply = tokio::time::timeout(SEND_TIMEOUT, c.stick_sync(request)).await.map_err(|_| "no answer in time".to_owned())?;
-    reply.map_err(|s| s.message().to_owned())?;
-    *client = Some(c);
-    Ok(())
+    Ok(client.insert(c))
+}
+
+/// One call, on the member's connection (opened again after a failure).
+async fn send(client: &mut Option<AdminClient<Channel>>, addr: &str, request: StickSyncRequest) -> Result<(), String> {
+    let reply = tokio::time::timeout(SEND_TIMEOUT, reach(client, addr).await?.stick_sync(request)).await;
+    let sent = match reply {
+        Ok(reply) => reply.map(drop).map_err(|s| s.message().to_owned()),
+        Err(_) => Err("no answer in time".to_owned()),
+    };
+    if sent.is_err() {
+        *client = None;
+    }
+    sent
+}
+
+/// The backends of a spec that stick clients to servers.
+fn sticky(rt: &Option<Arc<Runtime>>) -> impl Iterator<Item = &Arc<BackendRt>> {
+    rt.iter().flat_map(|rt| rt.backends.values()).filter(|b| b.spec.stick.is_some())
 }
 
 fn entries(b: &BackendRt, list: Vec<(IpAddr, String, Instant)>, now: Instant) -> Vec<StickEntry> {
@@ -209,8 +219,7 @@ struct WholeTable {
 impl WholeTable {
     fn new(runtime: &RuntimeWatch) -> WholeTable {
         let rt = runtime.borrow().clone();
-        let backends = rt.iter().flat_map(|rt| rt.backends.values()).filter(|b| b.spec.stick.is_some()).cloned().collect();
-        WholeTable { backends, from: None }
+        WholeTable { backends: sticky(&rt).cloned().collect(), from: None }
     }
 
     /// The next entries, at most `n`; none at the end.
