@@ -161,13 +161,19 @@ struct Stuck {
     told: Instant,
 }
 
+impl Stuck {
+    fn live_at(&self, now: Instant) -> bool {
+        self.until > now
+    }
+}
+
 /// New entries kept for the other nodes between two sends.
 const NEWS_LIMIT: usize = 100_000;
 
 impl StickTable {
     /// The entries that have not expired.
     fn live(&self, now: Instant) -> impl Iterator<Item = (&IpAddr, &Stuck)> {
-        self.entries.iter().filter(move |(_, s)| s.until > now)
+        self.entries.iter().filter(move |(_, s)| s.live_at(now))
     }
 
     /// A new client's entry, with room made for it: expired entries go,
@@ -570,7 +576,7 @@ impl BackendRt {
     fn stuck(&self, src: IpAddr) -> Option<String> {
         self.spec.stick.as_ref()?;
         let table = self.shared.stick.lock().expect("stick table lock");
-        table.entries.get(&src).filter(|s| s.until > Instant::now()).map(|s| s.server.clone())
+        table.entries.get(&src).filter(|s| s.live_at(Instant::now())).map(|s| s.server.clone())
     }
 
     fn stick(&self, src: IpAddr, index: usize) {
@@ -640,7 +646,7 @@ impl BackendRt {
         let (mut chunk, mut read, mut last) = (Vec::new(), 0, None);
         for &(queued, ip) in keys.take(n) {
             (read, last) = (read + 1, Some((queued, ip)));
-            if let Some(s) = table.entries.get(&ip).filter(|s| s.until > now) {
+            if let Some(s) = table.entries.get(&ip).filter(|s| s.live_at(now)) {
                 chunk.push((ip, s.server.clone(), s.until));
             }
         }
