@@ -664,9 +664,20 @@ mod tests {
     const NO_QUEUE: Duration = Duration::from_millis(50);
 
     fn backend(servers: &str) -> Arc<BackendRt> {
-        let spec = Spec::from_yaml(&format!("backends:\n  - name: b\n    servers:\n{servers}")).unwrap();
+        backend_with("", servers)
+    }
+
+    /// Backend `b` with `extra` lines (`balance`, `stick`...) before its servers.
+    fn backend_with(extra: &str, servers: &str) -> Arc<BackendRt> {
+        let spec = Spec::from_yaml(&format!("backends:\n  - name: b\n{extra}    servers:\n{servers}")).unwrap();
         let rt = Shared::default().compile(&spec, &BindRewrite::new());
         rt.backends["b"].clone()
+    }
+
+    /// Servers a and b taken in turn, clients kept on theirs by `stick`.
+    fn sticky(stick: &str) -> Arc<BackendRt> {
+        let servers = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n";
+        backend_with(&format!("    balance: roundrobin\n    stick: {stick}\n"), servers)
     }
 
     async fn pick(be: &BackendRt, prefer: Option<&str>) -> Result<String, NoServer> {
@@ -901,11 +912,7 @@ mod tests {
 
     #[tokio::test]
     async fn source_stickiness_keeps_a_client_on_its_server_until_expiry() {
-        let spec = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n";
-        let yaml =
-            format!("backends:\n  - name: b\n    balance: roundrobin\n    stick: {{ on: src, expire: 200ms }}\n    servers:\n{spec}");
-        let rt = Shared::default().compile(&Spec::from_yaml(&yaml).unwrap(), &BindRewrite::new());
-        let be = rt.backends["b"].clone();
+        let be = sticky("{ on: src, expire: 200ms }");
         let first = pick(&be, None).await.unwrap();
         for _ in 0..10 {
             assert_eq!(pick(&be, None).await.unwrap(), first, "round robin would alternate; the stick table holds");
@@ -920,12 +927,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_stick_table_makes_room_by_dropping_the_entry_that_expires_first() {
-        let spec = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n";
-        let yaml = format!(
-            "backends:\n  - name: b\n    balance: roundrobin\n    stick: {{ on: src, expire: 10s, size: 2 }}\n    servers:\n{spec}"
-        );
-        let rt = Shared::default().compile(&Spec::from_yaml(&yaml).unwrap(), &BindRewrite::new());
-        let be = rt.backends["b"].clone();
+        let be = sticky("{ on: src, expire: 10s, size: 2 }");
         let client = |n: u8| IpAddr::from([192, 0, 2, n]);
         let pick_for = |n: u8| {
             let be = be.clone();
@@ -957,10 +959,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_other_nodes_hear_of_new_entries_not_of_every_request_or_of_their_own() {
-        let spec = "      - { name: a, address: \"127.0.0.1:1\" }\n      - { name: b, address: \"127.0.0.1:2\" }\n";
-        let yaml = format!("backends:\n  - name: b\n    balance: roundrobin\n    stick: {{ on: src, expire: 10s }}\n    servers:\n{spec}");
-        let rt = Shared::default().compile(&Spec::from_yaml(&yaml).unwrap(), &BindRewrite::new());
-        let be = rt.backends["b"].clone();
+        let be = sticky("{ on: src, expire: 10s }");
         let first = pick(&be, None).await.unwrap();
         let news = be.stick_news();
         assert_eq!(news.len(), 1, "{news:?}");
